@@ -1,0 +1,116 @@
+"""DINOv2 patch features through timm (Oquab et al., "DINOv2", 2023).
+
+``DinoExtractor`` has the same interface as the diffusion extractor: call it on images in
+[0, 1] and get ``{"block.i": Tensor[B, C, H/14, W/14]}``. Features are the outputs of
+transformer block ``i`` (0-based, before the final norm), patch tokens reshaped to a map,
+as SD-DINO's "token" facet of layer 11 for ViT-B/14.
+
+Weights load through timm's pretrained machinery (the HF hub, honouring HF_HUB_OFFLINE and
+HF_HOME). A local checkpoint goes in with ``weights=PATH`` (timm's
+``pretrained_cfg_overlay=dict(file=PATH)``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .backbone import parse_device, parse_dtype
+from .errors import BadInputError, WeightsNotFoundError, one_of
+from .io import prepare_image
+from .loading import hf_home
+from .registry import get_model
+
+PATCH = 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DinoExtractor(nn.Module):
+    """DINOv2 block outputs as feature maps."""
+
+    def __init__(
+        self,
+        name: str = "dinov2-b",
+        layers: Sequence[str] | str | None = None,
+        resolution: int | None = None,
+        resize: str = "snap",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        random_weights: bool = False,
+        weights: str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        preset = get_model(name)
+        self.name, self.arch = name, preset.hub_id
+        self.layers = [layers] if isinstance(layers, str) else list(layers or preset.layers)
+        self.resolution, self.resize = resolution, resize
+        self.device_ = parse_device(device)
+        self.dtype_ = parse_dtype(dtype, self.device_)
+        depth = int(model_kwargs.get("depth", {"s": 12, "b": 12, "l": 24, "g": 40}[name.split("-")[1][0]]))
+        valid = [f"block.{i}" for i in range(depth)]
+        for layer in self.layers:
+            if layer not in valid:
+                raise one_of("layer", layer, valid)
+        self.indices = [int(layer.split(".")[1]) for layer in self.layers]
+        weights = weights or os.environ.get("DIFFFEAT_DINOV2_WEIGHTS")
+        kw: dict[str, Any] = dict(features_only=True, out_indices=tuple(self.indices), dynamic_img_size=True, **model_kwargs)
+        if weights:
+            if not os.path.exists(weights):
+                raise WeightsNotFoundError(f"DINOv2 weights file not found: {weights}")
+            kw["pretrained_cfg_overlay"] = dict(file=weights)
+        try:
+            self.model = timm.create_model(self.arch, pretrained=not random_weights, **kw)
+        except (OSError, RuntimeError, ValueError) as e:
+            if random_weights:
+                raise
+            raise WeightsNotFoundError(
+                f"DINOv2 weights for {self.arch!r} are not available ({type(e).__name__}); download "
+                f"timm/{self.arch} into HF_HOME={hf_home()} or pass weights=PATH (.safetensors/.pth)"
+            ) from None
+        self.model.to(self.device_, self.dtype_).eval().requires_grad_(False)
+        chans = self.model.feature_info.channels()
+        self._info = [{"name": l, "layer": l, "t": None, "channels": int(c), "stride": PATCH} for l, c in zip(self.layers, chans)]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        return list(self._info)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.layers)
+
+    def metadata(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {"model": self.name, "source": self.arch, "layers": self.layers, "resolution": self.resolution,
+                "dtype": str(self.dtype_).replace("torch.", ""), "difffeat_version": __version__}
+
+    def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([prepare_image(im, self.resolution, self.resize if self.resolution else "snap", PATCH).image for im in images])
+
+    @torch.no_grad()
+    def forward(self, images: Any, **_: Any) -> dict[str, torch.Tensor]:
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+            images = self.prepare(images)
+        if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+            raise BadInputError("images must be a tensor [B,3,H,W] in [0,1] or PIL images")
+        x = images if images.dim() == 4 else images.unsqueeze(0)
+        h, w = x.shape[-2:]
+        if h % PATCH or w % PATCH:  # snap tensors to the patch grid
+            size = (max(PATCH, round(h / PATCH) * PATCH), max(PATCH, round(w / PATCH) * PATCH))
+            x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        x = ((x.to(self.device_).float() - self.mean) / self.std).to(self.dtype_)
+        feats = self.model(x)
+        return {layer: f.float() for layer, f in zip(self.layers, feats)}

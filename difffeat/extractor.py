@@ -1,0 +1,375 @@
+"""The one extraction path: forward hooks on a diffusion denoiser.
+
+Protocol (DIFT, Tang et al. 2023, generalised): encode each image with the VAE **once**,
+draw ``ensemble`` latents from its posterior (or use its mean), noise each to every
+requested timestep, run the denoiser on all (image, timestep, ensemble) rows in large
+batches, read the requested layers with forward hooks and average over the ensemble.
+
+Deviations from the reference implementations, and why they are safe:
+
+* **VAE once** (DIFT runs the VAE ``ensemble`` times): with ``latent="mean"`` this is
+  *exact* up to floating-point noise (DIFT uses the posterior mean too); with
+  ``latent="sample"`` each member draws from N(mean, std) of the same posterior,
+  which is the same distribution DIFT samples, so the ensemble is *statistically
+  equivalent*.
+* **Early exit** after the deepest requested layer: the hook of that layer raises a
+  private exception, so nothing after it runs. Layers before it are computed by the
+  unchanged diffusers forward, so the features are *exactly* equal (tested).
+* **Attention maps** (``attn.cross.LAYER`` / ``attn.self.LAYER``, see :mod:`difffeat.layers`)
+  come from the same call: a capturing processor sits on the attention modules inside
+  LAYER only (SDPA everywhere else), and LAYER's end is what early exit waits for.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import __version__
+from .attention import AttentionCapture, parse_attention_name
+from .backbone import Conditioning, DiffusionBackbone
+from .errors import BadInputError, OutOfMemoryError, one_of
+from .io import prepare_image, image_key
+from .layers import block_level, image_stream, layer_modules
+from .noise import draw
+
+
+class _StopForward(Exception):
+    """Raised inside the deepest requested layer's hook to end the forward early."""
+
+
+def as_map(output: Any, latent_hw: tuple[int, int], patch: int, unpatchify: bool = False) -> torch.Tensor:
+    """A hooked module's output as a [B, C, h, w] tensor (tuples -> first; tokens -> map).
+
+    Tokens [B, h*w, C] (row-major over the h x w patch grid, h = H_latent / patch) become
+    [B, C, h, w]. With ``unpatchify`` (the transformers' ``final`` projection, C = p*p*C_out)
+    they become [B, C_out, h*p, w*p] exactly as diffusers unpatchifies the model output.
+    """
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "sample"):
+        output = output.sample
+    if output.dim() == 3:  # tokens [B, N, C] -> [B, C, h, w]
+        h, w = latent_hw[0] // patch, latent_hw[1] // patch
+        b, n, c = output.shape
+        if n != h * w:
+            raise RuntimeError(f"cannot reshape {n} tokens to a {h}x{w} grid")
+        if unpatchify and patch > 1:
+            x = output.reshape(b, h, w, patch, patch, c // (patch * patch))
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * patch, w * patch)
+        output = output.transpose(1, 2).reshape(b, c, h, w)
+    return output
+
+
+class FeatureExtractor(nn.Module):
+    """Multi-layer, multi-timestep, ensemble-averaged diffusion features.
+
+    Args:
+        backbone: a loaded :class:`DiffusionBackbone`.
+        layers: uniform layer names (``difffeat layers MODEL`` lists them).
+        timesteps: integer timesteps in [0, num_train_timesteps).
+        ensemble: noise draws averaged per (image, timestep).
+        noise: ``random`` (per image, batch-independent), ``fixed`` (shared) or ``clean``.
+        seed: global seed for the noise.
+        latent: ``mean`` (posterior mean, DIFT) or ``sample`` (a posterior draw per member).
+        prompt: default prompt (``""`` = the empty prompt, as DIFT without a category).
+        class_label: default class for class-conditional models (None = null class).
+        resolution / resize: how PIL inputs are prepared (see :func:`difffeat.io.prepare_image`).
+        max_batch: rows per denoiser call (image x timestep x ensemble rows are batched).
+        compile: ``torch.compile`` the heavy sub-modules that carry no hook.
+        early_exit: stop the forward after the deepest requested layer (exact).
+        attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
+    """
+
+    def __init__(
+        self,
+        backbone: DiffusionBackbone,
+        layers: Sequence[str] | str,
+        timesteps: Sequence[int] | int = (0,),
+        ensemble: int = 1,
+        noise: str = "random",
+        seed: int = 0,
+        latent: str = "mean",
+        prompt: str = "",
+        class_label: int | None = None,
+        resolution: int | None = None,
+        resize: str = "resize",
+        max_batch: int = 16,
+        compile: bool = False,
+        early_exit: bool = True,
+        attention_heads: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.timesteps = backbone.check_timesteps([timesteps] if isinstance(timesteps, int) else timesteps)
+        if ensemble < 1:
+            raise BadInputError(f"ensemble must be >= 1, got {ensemble}")
+        if latent not in ("mean", "sample"):
+            raise BadInputError(f"unknown latent mode {latent!r}; valid: mean, sample")
+        self.ensemble, self.noise, self.seed, self.latent = int(ensemble), noise, int(seed), latent
+        self.prompt, self.class_label = prompt, class_label
+        self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
+        self.early_exit = early_exit
+        self._modules_by_name = layer_modules(backbone.denoiser)
+        self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
+        for name in self.layers:
+            parsed = parse_attention_name(name)
+            layer = parsed[1] if parsed else name
+            if layer not in self._modules_by_name:
+                valid = block_level(list(self._modules_by_name))
+                raise one_of("layer", layer, valid + ["attn.cross.LAYER", "attn.self.LAYER", "(sub-layers: see `difffeat layers MODEL`)"])
+            self._anchor[name] = layer
+        if not self.layers:
+            raise BadInputError("no layers requested")
+        attn_names = [n for n in self.layers if parse_attention_name(n)]
+        self._attention = AttentionCapture(self._modules_by_name, attn_names, attention_heads) if attn_names else None
+        self._attention_probe: dict[str, tuple[int, tuple[int, ...]]] | None = None
+        if compile:
+            self.compile_denoiser()
+
+    # ------------------------------------------------------------------ description
+    @property
+    def keys(self) -> list[str]:
+        """Output keys: layer names, or ``layer@tT`` when several timesteps are asked."""
+        if len(self.timesteps) == 1:
+            return list(self.layers)
+        return [f"{layer}@t{t}" for layer in self.layers for t in self.timesteps]
+
+    def _key(self, layer: str, t: int) -> str:
+        return layer if len(self.timesteps) == 1 else f"{layer}@t{t}"
+
+    def probe(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """Run order and (channels, stride) of every layer, probed once per backbone."""
+        bb = self.backbone
+        if self._attention is not None:  # attn.* names need a probe with capture (tiny, once)
+            if self._attention_probe is None:
+                self._attention_probe = probe_layers(bb, self._attention)
+            return self._attention_probe
+        if getattr(bb, "_layer_probe", None) is None:
+            bb._layer_probe = probe_layers(bb)
+        return bb._layer_probe
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One dict per output key: name, layer, t, channels, stride (input pixels per cell), kind.
+
+        ``kind`` is ``feature`` ([B, C, h, w]), ``attn.cross`` ([B, h*w, n_tokens]; channels =
+        n_tokens) or ``attn.self`` ([B, h*w, h*w]; channels None, it depends on the image size).
+        """
+        info = self.probe()
+        out = []
+        for layer in self.layers:
+            _, (c, stride) = info[layer]
+            parsed = parse_attention_name(layer)
+            kind = f"attn.{parsed[0]}" if parsed else "feature"
+            for t in self.timesteps:
+                out.append({"name": self._key(layer, t), "layer": layer, "t": t,
+                            "channels": None if kind == "attn.self" else c, "stride": stride, "kind": kind})
+        return out
+
+    def metadata(self) -> dict[str, Any]:
+        """What produced these features (written into every output file)."""
+        return {
+            "model": self.backbone.name, "source": self.backbone.source, "layers": self.layers,
+            "timesteps": self.timesteps, "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed,
+            "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
+            "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
+        }
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> [B,3,H,W] in [0,1] using this extractor's resolution and resize policy."""
+        preps = [
+            prepare_image(im, self.resolution, self.resize if self.resolution else "snap", self.backbone.size_multiple)
+            for im in images
+        ]
+        sizes = {tuple(p.image.shape) for p in preps}
+        if len(sizes) > 1:
+            raise BadInputError(f"images prepare to different sizes {sorted(sizes)}; set a resolution to batch them")
+        return torch.stack([p.image for p in preps])
+
+    def _as_batch(self, images: Any) -> torch.Tensor:
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+            return self.prepare(images)
+        if isinstance(images, (list, tuple)):
+            images = torch.stack(list(images))
+        if not isinstance(images, torch.Tensor):
+            raise BadInputError(f"images must be a tensor [B,3,H,W] in [0,1] or PIL images, got {type(images).__name__}")
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise BadInputError(f"images must have shape [B,3,H,W], got {list(images.shape)}")
+        m = self.backbone.size_multiple
+        if images.shape[-1] % m or images.shape[-2] % m:
+            raise BadInputError(f"image size {images.shape[-1]}x{images.shape[-2]} is not a multiple of {m} for {self.backbone.name}")
+        return images
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(
+        self,
+        images: Any,
+        prompts: Sequence[str] | str | None = None,
+        class_labels: Sequence[int] | int | None = None,
+        keys: Sequence[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Features {key: Tensor[B, C, h, w] (float32, on the backbone's device)}.
+
+        ``attn.*`` keys hold attention maps ([B, h*w, N], see :mod:`difffeat.layers`).
+        """
+        bb = self.backbone
+        x = self._as_batch(images)
+        B, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+        T, E = len(self.timesteps), self.ensemble
+        if keys is None:
+            keys = [image_key(img) for img in x] if self.noise == "random" else ["-"] * B
+        elif len(keys) != B:
+            raise BadInputError(f"got {len(keys)} keys for {B} images")
+        cond = bb.conditioning(
+            prompts=self.prompt if prompts is None else prompts,
+            class_labels=self.class_label if class_labels is None else class_labels,
+            batch=B, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, image_size=(H, W),
+            prompt_attention_mask=prompt_attention_mask,
+        )
+        try:
+            return self._run(x, cond, list(keys))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"CUDA out of memory with {B} images x {T} timesteps x {E} ensemble at {W}x{H} "
+                f"(max_batch={self.max_batch}); lower the batch size, --max-batch or the ensemble"
+            ) from None
+
+    def _run(self, x: torch.Tensor, cond: Conditioning, keys: list[str]) -> dict[str, torch.Tensor]:
+        bb = self.backbone
+        B, T, E = x.shape[0], len(self.timesteps), self.ensemble
+        mean, std = bb.encode(x)  # the VAE runs once per image
+        shape = tuple(mean.shape[1:])
+        latent_eps, noise = draw(self.noise, keys, self.seed, shape, E, T, self.latent == "sample")
+        x0 = mean.unsqueeze(1).expand(B, E, *shape).float()
+        if latent_eps is not None:
+            x0 = x0 + std.unsqueeze(1).float() * latent_eps.to(x0.device)
+        # rows ordered (image, timestep, member)
+        x0_rows = x0.unsqueeze(1).expand(B, T, E, *shape).reshape(B * T * E, *shape)
+        t_rows = torch.tensor(self.timesteps, device=bb.device).view(1, T, 1).expand(B, T, E).reshape(-1)
+        if noise is None:
+            xt_rows = x0_rows.to(bb.dtype)
+        else:
+            xt_rows = bb.add_noise(x0_rows, noise.to(bb.device).reshape(B * T * E, *shape), t_rows).to(bb.dtype)
+        cond_rows = cond.repeat_interleave(T * E)
+        img_of_row = torch.arange(B, device=bb.device).repeat_interleave(T * E)
+        tix_of_row = torch.arange(T, device=bb.device).repeat_interleave(E).repeat(B)
+
+        sums: dict[str, torch.Tensor] = {}
+        n = B * T * E
+        for r0 in range(0, n, self.max_batch):
+            r1 = min(n, r0 + self.max_batch)
+            feats = self.run_denoiser(xt_rows[r0:r1], t_rows[r0:r1], cond_rows.select(slice(r0, r1)))
+            for layer, f in feats.items():
+                f = f.float()
+                for ti, t in enumerate(self.timesteps):
+                    sel = tix_of_row[r0:r1] == ti
+                    if not bool(sel.any()):
+                        continue
+                    key = self._key(layer, t)
+                    if key not in sums:
+                        sums[key] = torch.zeros((B, *f.shape[1:]), device=f.device, dtype=torch.float32)
+                    sums[key].index_add_(0, img_of_row[r0:r1][sel], f[sel])
+        return {k: sums[k] / E for k in self.keys}
+
+    def run_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+        """One hooked denoiser call on noisy inputs; returns the raw (non-averaged) layer maps."""
+        captured: dict[str, torch.Tensor] = {}
+        order = self.probe()
+        anchors = sorted(set(self._anchor.values()))
+        last = max(anchors, key=lambda n: order[n][0]) if self.early_exit else None
+        wanted = {n for n in self.layers if n in self._modules_by_name}  # feature outputs
+        hw = (x_t.shape[-2], x_t.shape[-1])
+        patch = int(self.backbone.denoiser.config.get("patch_size", 1) or 1)
+
+        def make_hook(name: str):  # type: ignore[no-untyped-def]
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                if name in wanted:
+                    captured[name] = as_map(image_stream(module, output), hw, patch, unpatchify=name == "final")
+                if name == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
+        attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
+        try:
+            with attention as sinks:
+                try:
+                    self.backbone.predict(x_t, t, cond)
+                except _StopForward:
+                    pass
+                captured.update({name: sink.result() for name, sink in sinks.items()})
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    # ------------------------------------------------------------------ speed
+    def compile_denoiser(self) -> None:
+        """``torch.compile`` every transformer/resnet sub-module that carries no hook.
+
+        The UNet's own forward is left eager (FX/dynamo tracing of the whole UNet with
+        hooks and early exit is fragile); the compiled sub-modules hold almost all FLOPs.
+        """
+        hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
+        captured = self._attention.contains() if self._attention else set()
+        for m in self.backbone.denoiser.modules():
+            if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D", "DiTTransformer2DModelBlock", "JointTransformerBlock") and id(m) not in hooked:
+                if captured and any(id(sub) in captured for sub in m.modules()):
+                    continue  # its attention processor is swapped per call
+                m.compile(dynamic=False)
+
+
+@torch.no_grad()
+def probe_layers(bb: DiffusionBackbone, attention: AttentionCapture | None = None) -> dict[str, tuple[int, tuple[int, int]]]:
+    """{layer: (run order, (channels, stride))} from one small dummy forward with all hooks.
+
+    With ``attention``, its ``attn.*`` names are added too: the run order of their LAYER,
+    channels = number of keys (text tokens for cross), stride of the query grid.
+    """
+    mods = layer_modules(bb.denoiser)
+    cfg = bb.denoiser.config
+    patch = int(cfg.get("patch_size", 1) or 1)
+    # UNets: the smallest size every block accepts; transformers: a 4x4 token grid
+    # (DiT/PixArt recompute their sin-cos grid, SD3 crops its table: any size works)
+    side = 2 * bb.latent_multiple if hasattr(bb.denoiser, "down_blocks") else 4 * patch
+    hw = (side, side)
+    seen: dict[str, tuple[int, tuple[int, int]]] = {}
+
+    def make_hook(name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            f = as_map(image_stream(module, output), hw, patch, unpatchify=name == "final")
+            stride = bb.latent_scale * side // f.shape[-1]
+            seen[name] = (len(seen), (int(f.shape[1]), int(stride)))
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+    try:
+        x = torch.zeros(1, bb.in_channels, *hw, device=bb.device, dtype=bb.dtype)
+        with attention.capture() if attention else contextlib.nullcontext({}) as sinks:
+            bb.predict(x, torch.tensor([1], device=bb.device), bb.dummy_conditioning(1, (side * bb.latent_scale,) * 2))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, sink in sinks.items():
+        a = sink.result()
+        layer = name.split(".", 2)[2]
+        q_side = round(a.shape[-2] ** 0.5)
+        seen[name] = (seen[layer][0], (int(a.shape[-1]), int(bb.latent_scale * side // q_side)))
+    return seen

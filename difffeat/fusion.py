@@ -1,0 +1,181 @@
+"""Feature fusion after "A Tale of Two Features" (Zhang et al., NeurIPS 2023; SD-DINO).
+
+Recipe (the paper's released zero-shot protocol):
+
+1. per SD layer, reduce channels with PCA to ``k`` dims — fitted jointly on the images of
+   one call (*co-PCA*, the paper's default for a pair) or a :class:`PCA` fitted on a set;
+2. resample every map to one grid (SD-DINO: the DINOv2 patch grid, 60x60 at 840 px);
+3. concatenate the SD layers and L2-normalise that descriptor; L2-normalise DINOv2's;
+4. weight the two sources (α = 0.5 each) and concatenate.
+
+PCA uses ``torch.pca_lowrank`` on centred features, as the reference does; signs and
+rotations of the basis are irrelevant because both images share one basis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BadInputError
+
+
+def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    """Unit L2 norm along ``dim`` (channels for [B,C,h,w] maps)."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def resample(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resampling of [B,C,h,w] maps to ``size`` (align_corners=False)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class PCA:
+    """A linear projection to ``k`` dims: ``(x - mean) @ components``."""
+
+    mean: torch.Tensor  # [C]
+    components: torch.Tensor  # [C, k]
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, k: int, seed: int = 0) -> "PCA":
+        """Fit on samples ``x`` [N, C] (or maps [B,C,h,w], each pixel a sample)."""
+        if x.dim() == 4:
+            x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        x = x.float()
+        k = min(k, x.shape[0], x.shape[1])
+        mean = x.mean(0)
+        with torch.random.fork_rng(devices=[]):  # pca_lowrank is randomised; keep it reproducible
+            torch.manual_seed(seed)
+            _, _, v = torch.pca_lowrank(x - mean, q=k, center=False)
+        return cls(mean, v[:, :k])
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        """Project [B,C,h,w] maps to [B,k,h,w]."""
+        b, c, h, w = maps.shape
+        flat = maps.permute(0, 2, 3, 1).reshape(-1, c).float() - self.mean.to(maps.device)
+        out = flat @ self.components.to(maps.device)
+        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean.cpu(), "components": self.components.cpu()}
+
+
+def co_pca(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """PCA fitted jointly on all images of ``maps`` [B,C,h,w] and applied to them."""
+    return PCA.fit(maps, k)(maps)
+
+
+def fuse(
+    groups: Sequence[Sequence[torch.Tensor]],
+    weights: Sequence[float],
+    grid: int | tuple[int, int],
+    pca_dims: Sequence[int | None] | None = None,
+    pcas: Sequence[PCA | None] | None = None,
+) -> torch.Tensor:
+    """Fuse several sources into one descriptor map [B, D, *grid].
+
+    ``groups[s]`` is the list of layer maps of source ``s``; each layer is reduced
+    (``pcas[i]`` if given, else co-PCA to ``pca_dims[s]`` if set), resampled to ``grid``,
+    the layers of a source are concatenated and L2-normalised, then the sources are
+    weighted and concatenated.
+    """
+    if len(groups) != len(weights):
+        raise BadInputError(f"{len(groups)} sources but {len(weights)} weights")
+    parts, li = [], 0
+    for s, layers in enumerate(groups):
+        k = None if pca_dims is None else pca_dims[s]
+        reduced = []
+        for f in layers:
+            p = None if pcas is None else pcas[li]
+            li += 1
+            f = p(f) if p is not None else (co_pca(f, k) if k else f.float())
+            reduced.append(resample(f, grid))
+        parts.append(weights[s] * l2_normalize(torch.cat(reduced, dim=1)))
+    return torch.cat(parts, dim=1)
+
+
+class FusedExtractor(nn.Module):
+    """Several extractors fused into one descriptor map ``{"fused": [B, D, g, g]}``.
+
+    Each source sees the images prepared at its own resolution and resize policy (SD at
+    960 px padded, DINOv2 at 840 px padded for SD-DINO). With ``pca_mode="co"`` the PCA of
+    each layer is fitted on the images of the call, so call it on a pair (as the paper);
+    ``fit_pca(images)`` instead fixes one PCA per layer from a set of images.
+    """
+
+    def __init__(self, sources: list[Any], weights: Sequence[float], pca_dims: Sequence[int | None],
+                 grid: int, pca_mode: str = "co", name: str = "fused") -> None:
+        super().__init__()
+        self.sources = nn.ModuleList(sources)
+        self.weights, self.pca_dims, self.grid = list(weights), list(pca_dims), int(grid)
+        if pca_mode not in ("co", "fitted", "none"):
+            raise BadInputError(f"unknown pca_mode {pca_mode!r}; valid: co, fitted, none")
+        self.pca_mode, self.name = pca_mode, name
+        self.pcas: list[PCA | None] | None = None
+
+    @classmethod
+    def from_preset(cls, preset: Any, dtype: str | None = None, device: str | None = None,
+                    random_weights: bool = False, **overrides: Any) -> "FusedExtractor":
+        from .factory import create
+
+        spec = preset.raw["fusion"]
+        srcs, weights, dims = [], [], []
+        for s in spec["sources"]:
+            s = dict(s)
+            weights.append(float(s.pop("weight", 1.0)))
+            dims.append(s.pop("pca", None))
+            model = s.pop("model")
+            srcs.append(create(model, dtype=dtype, device=device, random_weights=random_weights, **s))
+        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=preset.name)
+
+    @property
+    def keys(self) -> list[str]:
+        return ["fused"]
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        ch = 0
+        for src, k in zip(self.sources, self.pca_dims):
+            ch += sum(min(k, i["channels"]) if k else i["channels"] for i in src.feature_info)
+        stride = max(i["stride"] for i in self.sources[-1].feature_info)
+        return [{"name": "fused", "layer": "fused", "t": None, "channels": ch, "stride": stride}]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"model": self.name, "sources": [s.metadata() for s in self.sources], "weights": self.weights,
+                "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid}
+
+    def _source_maps(self, images: Any, **kw: Any) -> list[list[torch.Tensor]]:
+        out = []
+        for src in self.sources:
+            x = images
+            if isinstance(images, torch.Tensor) and getattr(src, "resolution", None):
+                r = src.resolution
+                x = F.interpolate(images.float(), size=(r, r), mode="bicubic", align_corners=False).clamp(0, 1)
+            feats = src(x, **kw)
+            out.append([feats[k] for k in src.keys])
+        return out
+
+    @torch.no_grad()
+    def fit_pca(self, images: Any, **kw: Any) -> None:
+        """Fit one PCA per reduced layer on ``images`` and use it for every later call."""
+        pcas: list[PCA | None] = []
+        for maps, k in zip(self._source_maps(images, **kw), self.pca_dims):
+            pcas.extend(PCA.fit(m, k) if k else None for m in maps)
+        self.pcas, self.pca_mode = pcas, "fitted"
+
+    @torch.no_grad()
+    def forward(self, images: Any, **kw: Any) -> dict[str, torch.Tensor]:
+        groups = self._source_maps(images, **kw)
+        if self.pca_mode == "fitted" and self.pcas is None:
+            raise BadInputError("pca_mode 'fitted' needs fit_pca(images) first")
+        dims = None if self.pca_mode == "none" else self.pca_dims
+        pcas = self.pcas if self.pca_mode == "fitted" else None
+        return {"fused": fuse(groups, self.weights, self.grid, dims, pcas)}
+

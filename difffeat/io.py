@@ -1,0 +1,311 @@
+"""Image and feature I/O.
+
+Reading: image folders (recursive), EXIF orientation, and every PIL mode a user's
+archive contains (RGBA/LA/P with transparency are composited on white; CMYK, 16-bit
+and grayscale are converted to 8-bit RGB).
+
+Writing: one safetensors file per image with string metadata, written atomically
+(temporary file + ``os.replace``), never overwriting unless asked.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadInputError, DiffFeatError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+ResizePolicy = Literal["resize", "pad", "snap", "none"]
+
+
+# --------------------------------------------------------------------------- reading
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All images under ``root`` (recursive), sorted by relative path. A single file is allowed."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise BadInputError(f"no such image file or folder: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BadInputError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
+    return files
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB, honouring EXIF orientation.
+
+    16-bit grayscale ("I;16", "I") is rescaled from its full range, transparency is
+    composited on white, CMYK/YCbCr/LAB go through PIL's converters.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read one image as RGB; raise :class:`BadInputError` with one line if unreadable."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise BadInputError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float Tensor [3,H,W] in [0,1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """Float Tensor [3,H,W] in [0,1] -> PIL RGB."""
+    arr = (x.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+# --------------------------------------------------------------------------- resizing
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared image tensor plus what is needed to map results back to the original."""
+
+    image: torch.Tensor  # [3,H,W] in [0,1]
+    original_size: tuple[int, int]  # (W, H) before preparation
+    content_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) of the original content inside `image`
+
+
+def snap(v: int, multiple: int) -> int:
+    """Round ``v`` to the nearest positive multiple of ``multiple``."""
+    return max(multiple, int(round(v / multiple)) * multiple)
+
+
+def prepare_image(
+    img: Image.Image,
+    size: int | tuple[int, int] | None,
+    policy: ResizePolicy = "resize",
+    multiple: int = 8,
+    pad_value: int = 0,
+) -> Prepared:
+    """Resize one image for a backbone.
+
+    Policies:
+      * ``resize``: bicubic resize to ``size`` (an int gives a square), ignoring aspect ratio
+        (the DIFT protocol).
+      * ``pad``: resize the longer side to ``size`` keeping aspect, centre it on a square
+        canvas of ``pad_value`` (the SD-DINO protocol).
+      * ``snap``: keep the aspect ratio; scale so the longer side is ``size`` (or keep the
+        native size if ``size`` is None) and snap both sides to ``multiple``.
+      * ``none``: no change except snapping to ``multiple`` (errors if not a multiple).
+    """
+    w, h = img.size
+    if policy == "resize":
+        if size is None:
+            raise BadInputError("resize policy 'resize' needs a size")
+        tw, th = (size, size) if isinstance(size, int) else size
+        out = img.resize((tw, th), Image.BICUBIC)
+        return Prepared(pil_to_tensor(out), (w, h), (0, 0, tw, th))
+    if policy == "pad":
+        if size is None:
+            raise BadInputError("resize policy 'pad' needs a size")
+        s = size if isinstance(size, int) else max(size)
+        scale = s / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (s, s), (pad_value,) * 3)
+        ox, oy = (s - nw) // 2, (s - nh) // 2
+        canvas.paste(img.resize((nw, nh), Image.BICUBIC), (ox, oy))
+        return Prepared(pil_to_tensor(canvas), (w, h), (ox, oy, ox + nw, oy + nh))
+    if policy == "snap":
+        scale = 1.0 if size is None else (size if isinstance(size, int) else max(size)) / max(w, h)
+        nw, nh = snap(round(w * scale), multiple), snap(round(h * scale), multiple)
+        out = img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.BICUBIC)
+        return Prepared(pil_to_tensor(out), (w, h), (0, 0, nw, nh))
+    if policy == "none":
+        if w % multiple or h % multiple:
+            raise BadInputError(f"image size {w}x{h} is not a multiple of {multiple}; use --resize snap")
+        return Prepared(pil_to_tensor(img), (w, h), (0, 0, w, h))
+    raise BadInputError(f"unknown resize policy {policy!r}; valid: resize, pad, snap, none")
+
+
+def image_key(image: torch.Tensor) -> str:
+    """A content hash of a prepared image (quantised to 8 bits), used to seed per-image noise.
+
+    Hashing content (not a file name or batch index) makes an image's noise, and so its
+    features, independent of batch composition and of where the file lives. The hash is
+    taken over a 64x64 area-downsampled copy plus the full size: cheap on large images,
+    and images that agree at that scale merely share their noise (harmless).
+    """
+    x = image.detach().float()
+    small = torch.nn.functional.adaptive_avg_pool2d(x.unsqueeze(0), (64, 64))[0] if x.shape[-1] > 64 or x.shape[-2] > 64 else x
+    q = (small.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().contiguous()
+    h = hashlib.sha1(str(tuple(image.shape)).encode())
+    h.update(q.numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    On error the temporary file is removed, so a crash never leaves a half-written output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: Path, overwrite: bool) -> bool:
+    """Return True if ``path`` should be (re)written; False means 'finished, skip it'."""
+    return overwrite or not Path(path).exists()
+
+
+def save_features(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, object]
+) -> None:
+    """Write tensors to a safetensors file atomically with JSON-encoded metadata values."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(data, str(tmp), metadata=meta)
+
+
+def load_features(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Read a file written by :func:`save_features`; metadata values are JSON-decoded."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"feature file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise BadInputError(f"cannot read feature file {path}: {e}") from None
+    meta: dict[str, object] = {}
+    for k, v in meta_raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def save_json(path: str | os.PathLike, obj: object) -> None:
+    """Write JSON atomically (indent 2)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def save_png(path: str | os.PathLike, img: Image.Image | np.ndarray) -> None:
+    """Write a PNG atomically. uint16 arrays become 16-bit PNGs, uint8 arrays 8-bit."""
+    if isinstance(img, np.ndarray):
+        if img.dtype == np.uint16:
+            img = Image.fromarray(img)  # mode I;16
+        else:
+            img = Image.fromarray(img)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, torch.Tensor)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def output_path(out_dir: Path, root: Path, image: Path, suffix: str) -> Path:
+    """Mirror ``image``'s path relative to ``root`` inside ``out_dir`` with a new suffix."""
+    rel = image.name if root.is_file() else str(image.relative_to(root))
+    return out_dir / (str(Path(rel).with_suffix("")) + suffix)
+
+
+class FolderRun:
+    """Book-keeping for a folder run: skipped, done and failed files, one line per failure.
+
+    Usage::
+
+        run = FolderRun()
+        for path in files:
+            with run.item(path):
+                ...            # a DiffFeatError here is reported and counted, the run goes on
+        run.finish()           # raises DiffFeatError (non-zero exit) if anything failed
+    """
+
+    def __init__(self, echo=print) -> None:  # type: ignore[no-untyped-def]
+        self.done = 0
+        self.skipped = 0
+        self.failed: list[tuple[str, str]] = []
+        self._echo = echo
+
+    @contextlib.contextmanager
+    def item(self, name: object) -> Iterator[None]:
+        try:
+            yield
+        except DiffFeatError as e:
+            self.failed.append((str(name), str(e)))
+            self._echo(f"error: {e}")
+        else:
+            self.done += 1
+
+    def fail(self, name: object, message: str) -> None:
+        self.failed.append((str(name), message))
+        self._echo(f"error: {message}")
+
+    def finish(self, what: str = "images") -> None:
+        if self.failed:
+            raise DiffFeatError(
+                f"{len(self.failed)} of {self.done + len(self.failed) + self.skipped} {what} failed "
+                f"(first: {self.failed[0][0]}); the others were written"
+            )
+
+
+def chunked(seq: Sequence, n: int) -> Iterator[Sequence]:  # type: ignore[type-arg]
+    """Consecutive slices of ``seq`` of length ``n`` (the last may be shorter)."""
+    for i in range(0, len(seq), max(1, n)):
+        yield seq[i : i + n]

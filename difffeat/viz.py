@@ -1,0 +1,42 @@
+"""Visualisation helpers: PCA->RGB of a feature map, colour palettes, colour maps."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def pca_rgb(feat: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
+    """First three principal components of a [C,h,w] map as an RGB image (min-max per channel)."""
+    from .fusion import PCA
+
+    c, h, w = feat.shape
+    proj = PCA.fit(feat.unsqueeze(0).float().cpu(), 3)(feat.unsqueeze(0).float().cpu())[0]  # [k,h,w]
+    if proj.shape[0] < 3:
+        proj = torch.cat([proj, proj.new_zeros(3 - proj.shape[0], h, w)])
+    lo = proj.flatten(1).min(1).values.view(3, 1, 1)
+    hi = proj.flatten(1).max(1).values.view(3, 1, 1)
+    img = ((proj - lo) / (hi - lo).clamp_min(1e-8) * 255).round().byte().permute(1, 2, 0).numpy()
+    out = Image.fromarray(img)
+    return out.resize(size, Image.NEAREST) if size else out
+
+
+def palette(n: int, seed: int = 0) -> np.ndarray:
+    """A fixed, well-spread colour palette [n,3] uint8 (index 0 is black)."""
+    rng = np.random.default_rng(seed)
+    pal = rng.integers(40, 256, size=(max(n, 1), 3), dtype=np.int64).astype(np.uint8)
+    pal[0] = 0
+    return pal
+
+
+def colormap(x: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """A perceptual (turbo-like) colour map of a 2-D array -> [H,W,3] uint8, no matplotlib needed."""
+    lo = float(np.nanmin(x)) if lo is None else lo
+    hi = float(np.nanmax(x)) if hi is None else hi
+    t = np.clip((x - lo) / max(hi - lo, 1e-12), 0, 1)
+    # polynomial approximation of 'turbo' (Mikhailov 2019)
+    r = 0.13572138 + t * (4.61539260 + t * (-42.66032258 + t * (132.13108234 + t * (-152.94239396 + t * 59.28637943))))
+    g = 0.09140261 + t * (2.19418839 + t * (4.84296658 + t * (-14.18503333 + t * (4.27729857 + t * 2.82956604))))
+    b = 0.10667330 + t * (12.64194608 + t * (-60.58204836 + t * (110.36276771 + t * (-89.90310912 + t * 27.34824973))))
+    rgb = np.stack([r, g, b], -1)
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
