@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -75,6 +76,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--family", choices=["sd", "sdxl", "dit"], default="sd",
+                    help="sdxl (1024²) / dit (DiT-XL/2, 256²): run benchmarks/extract_transformers.py (see its --help)")
+    args, _ = ap.parse_known_args()
+    if args.family != "sd":
+        import extract_transformers
+
+        extract_transformers.main(sys.argv[1:])
+        return
     args = ap.parse_args()
 
     device = torch.device(args.device)

@@ -366,7 +366,8 @@ class DiffusionBackbone(nn.Module):
     def _disk_cache_path(self, prompt: str) -> str | None:
         if not self.prompt_cache_dir or self._random:  # random text encoders differ per load
             return None
-        key = json.dumps([self.source, self.family, self.use_t5, self.text_length, prompt])
+        t5_zeros = self.family == "sd3" and not self.use_t5  # (PixArt cannot embed without T5 at all)
+        key = json.dumps([self.source, self.family, self.text_length, t5_zeros, prompt])
         return os.path.join(self.prompt_cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
     @torch.no_grad()
@@ -462,7 +463,8 @@ class DiffusionBackbone(nn.Module):
         t = self.timestep_input(t)
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
-        out = self.denoiser(x_t.to(self.dtype), t, **cond.kwargs, return_dict=False)[0]
+        # timestep by keyword: PixArt/SD3 take encoder_hidden_states second
+        out = self.denoiser(x_t.to(self.dtype), timestep=t, **cond.kwargs, return_dict=False)[0]
         if out.shape[1] != x_t.shape[1]:  # learned-sigma models (DiT) predict [eps, var]
             out = out[:, : x_t.shape[1]]
         return out
@@ -495,7 +497,11 @@ def _place(m: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
 
 def _speed_up(denoiser: nn.Module) -> None:
     """Exact speed-ups on GPU: fused QKV projections and channels-last convolutions."""
-    if hasattr(denoiser, "fuse_qkv_projections"):
+    # diffusers' FusedJointAttnProcessor2_0 skips QK-norm and is also put on SD3.5's image-only
+    # attention, which it cannot run: SD3.5 keeps its unfused (exact) processors
+    sd35 = type(denoiser).__name__ == "SD3Transformer2DModel" and (
+        denoiser.config.get("qk_norm") or denoiser.config.get("dual_attention_layers"))
+    if hasattr(denoiser, "fuse_qkv_projections") and not sd35:
         try:
             denoiser.fuse_qkv_projections()
         except Exception:  # some attention processors (e.g. custom) cannot fuse; keep them

@@ -127,7 +127,6 @@ class FeatureExtractor(nn.Module):
             raise BadInputError("no layers requested")
         attn_names = [n for n in self.layers if parse_attention_name(n)]
         self._attention = AttentionCapture(self._modules_by_name, attn_names, attention_heads) if attn_names else None
-        self._attention_probe: dict[str, tuple[int, tuple[int, ...]]] | None = None
         if compile:
             self.compile_denoiser()
 
@@ -145,10 +144,12 @@ class FeatureExtractor(nn.Module):
     def probe(self) -> dict[str, tuple[int, tuple[int, ...]]]:
         """Run order and (channels, stride) of every layer, probed once per backbone."""
         bb = self.backbone
-        if self._attention is not None:  # attn.* names need a probe with capture (tiny, once)
-            if self._attention_probe is None:
-                self._attention_probe = probe_layers(bb, self._attention)
-            return self._attention_probe
+        if self._attention is not None:  # attn.* names need a probe with capture (tiny, once per name set)
+            probes = bb.__dict__.setdefault("_attention_probes", {})
+            key = tuple(sorted(self._attention.modules))
+            if key not in probes:
+                probes[key] = probe_layers(bb, self._attention)
+            return probes[key]
         if getattr(bb, "_layer_probe", None) is None:
             bb._layer_probe = probe_layers(bb)
         return bb._layer_probe

@@ -202,7 +202,8 @@ def save_features(
     """Write tensors to a safetensors file atomically with JSON-encoded metadata values."""
     from safetensors.torch import save_file
 
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    # one metadata key with sorted JSON: safetensors' header order is then byte-stable across runs
+    meta = {"difffeat": json.dumps(metadata, sort_keys=True, default=json_default)}
     data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=meta)
@@ -221,6 +222,8 @@ def load_features(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise BadInputError(f"cannot read feature file {path}: {e}") from None
+    if "difffeat" in meta_raw:
+        return tensors, json.loads(meta_raw["difffeat"])
     meta: dict[str, object] = {}
     for k, v in meta_raw.items():
         try:
@@ -233,7 +236,7 @@ def load_features(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 def save_json(path: str | os.PathLike, obj: object) -> None:
     """Write JSON atomically (indent 2)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def save_png(path: str | os.PathLike, img: Image.Image | np.ndarray) -> None:
@@ -247,7 +250,7 @@ def save_png(path: str | os.PathLike, img: Image.Image | np.ndarray) -> None:
         img.save(tmp, format="PNG")
 
 
-def _json_default(o: object) -> object:
+def json_default(o: object) -> object:
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

@@ -39,6 +39,16 @@ class ModelPreset:
 
 
 _DIFT_SRC = "DIFT (Tang et al., NeurIPS 2023): SD-2.1 up.1 at t=261, ensemble 8 — SPair-71k PCK@0.1(bbox) 52.9"
+_DDAE_SRC = (
+    "DDAE++ (Xiang et al. 2025, arXiv:2505.10999): for DiT, linear probing is best on the middle blocks at "
+    "small t; the exact block (14 of 28) and t=100 here are unvalidated"
+)
+_CLEANDIFT_SRC = (
+    "CleanDIFT (Stracke et al., CVPR 2025) reports PixArt (and FLUX) features underperform SD 1.x/2.x for "
+    "semantic correspondence: prefer sd21 there"
+)
+# middle block; t with the signal-to-noise ratio of DIFT's t=261 on SD (alpha_bar = 0.656)
+_SNR_SRC = "unvalidated: middle block, t={t} = the {model} timestep ({what}) with the SNR of DIFT's SD t=261"
 
 MODELS: dict[str, ModelPreset] = {
     p.name: p
@@ -62,6 +72,38 @@ MODELS: dict[str, ModelPreset] = {
             "sdxl-base", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, ("up.0",), (261,), 8,
             source="unvalidated: DIFT-style choice (first up block at stride 16, 1280 ch, t=261)",
             description="SDXL base 1.0, 1024², two text encoders, added size conditioning.",
+        ),
+        # Transformers. Layer names: block.i (0-based) and final; see difffeat.layers.
+        *[
+            ModelPreset(
+                f"dit-xl-2-{res}", f"facebook/DiT-XL-2-{res}", "dit", res, ("block.14",), (100,), 1,
+                source=_DDAE_SRC,
+                description=f"DiT-XL/2 (Peebles & Xie 2023), ImageNet class-conditional {res}², 28 blocks x 1152, "
+                "patch 2, learned sigma; unconditional = null class 1000 (the default).",
+            )
+            for res in (256, 512)
+        ],
+        ModelPreset(
+            "sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, ("block.12",), (420,), 1,
+            source=_SNR_SRC.format(model="SD3", t=420, what="flow sigma = t/1000"),
+            description="Stable Diffusion 3 medium: MM-DiT, 24 joint blocks x 1536, rectified flow, CLIP-L + CLIP-G "
+            "(+ T5, optional: use_t5=False feeds zeros as diffusers does without text_encoder_3).",
+        ),
+        ModelPreset(
+            "sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 1024, ("block.12",), (420,), 1,
+            source=_SNR_SRC.format(model="SD3.5", t=420, what="flow sigma = t/1000"),
+            description="Stable Diffusion 3.5 medium: MMDiT-X, 24 joint blocks x 1536 (blocks 0-12 with an extra "
+            "image self-attention), QK-norm, rectified flow, CLIP-L + CLIP-G (+ optional T5).",
+        ),
+        ModelPreset(
+            "pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", 1024, ("block.14",), (200,), 1,
+            source=_CLEANDIFT_SRC + "; " + _SNR_SRC.format(model="PixArt", t=200, what="linear betas"),
+            description="PixArt-Σ XL/2 1024² (diffusers format): 28 blocks x 1152, cross-attention to 300 T5 tokens.",
+        ),
+        ModelPreset(
+            "pixart-alpha", "PixArt-alpha/PixArt-XL-2-1024-MS", "pixart", 1024, ("block.14",), (200,), 1,
+            source=_CLEANDIFT_SRC + "; " + _SNR_SRC.format(model="PixArt", t=200, what="linear betas"),
+            description="PixArt-α XL/2 1024²: 28 blocks x 1152, 120 T5 tokens, resolution/aspect-ratio conditioning.",
         ),
     ]
 }

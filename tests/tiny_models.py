@@ -207,8 +207,8 @@ def build_tiny_pixart(root: Path, sigma: bool = True, size_conditioning: bool = 
 
     vocab = write_t5_tokenizer(root / "tokenizer")
     torch.manual_seed(0)
-    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                  num_layers=2, cross_attention_dim=24, sample_size=8, patch_size=2,
                                   caption_channels=24, norm_num_groups=4, use_additional_conditions=size_conditioning)
     comps = {
         "transformer": tr, "vae": _vae(), "text_encoder": _t5_encoder(vocab, 24),
@@ -218,9 +218,10 @@ def build_tiny_pixart(root: Path, sigma: bool = True, size_conditioning: bool = 
     return _save(root, comps, "PixArtSigmaPipeline" if sigma else "PixArtAlphaPipeline")
 
 
-def build_tiny_sd3(root: Path, with_t5: bool = True) -> Path:
-    """SD3.5-shaped: 2 joint blocks (block 0 with SD3.5's extra image attention, RMS qk-norm),
-    16-channel VAE with shift, CLIP-L/G-like encoders with projections, optional T5, flow matching."""
+def build_tiny_sd3(root: Path, with_t5: bool = True, sd35: bool = True) -> Path:
+    """SD3.5-shaped (``sd35=False``: SD3-medium-shaped): 2 joint blocks (block 0 with SD3.5's extra
+    image attention, RMS qk-norm), 16-channel VAE with shift, CLIP-L/G-like encoders with
+    projections, optional T5, flow matching."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTokenizer, T5Tokenizer
 
@@ -231,7 +232,7 @@ def build_tiny_sd3(root: Path, with_t5: bool = True) -> Path:
     tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
                                num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
                                pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16,
-                               dual_attention_layers=(0,), qk_norm="rms_norm")
+                               dual_attention_layers=(0,) if sd35 else (), qk_norm="rms_norm" if sd35 else None)
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
