@@ -1,0 +1,393 @@
+"""Training a dense head (segmentation, depth, edges) on frozen backbone features.
+
+Two modes:
+
+* **cached** (default): every training image is resized to the backbone resolution and its
+  features are extracted once (optionally also of the mirrored image) into
+  ``cache_dir/<settings-hash>/`` as safetensors (fp16); epochs then run at head speed.
+  Labels are not cached, so one cache serves all tasks and later runs on the same images.
+* **online**: features are extracted at every step from augmented images (random scale
+  in ``scale_range``, random ``crop_size`` crop, horizontal flip) - slower, more varied.
+
+Optimisation: AdamW, linear warmup then poly or cosine decay (per step), gradient-norm
+clipping, bf16 autocast on CUDA, deterministic seeding (the data order and augmentation of
+epoch ``e`` depend only on ``(seed, e)``). After every epoch the head is saved to
+``OUT/head/`` (a usable checkpoint), the optimizer to ``OUT/train_state.*`` (safetensors +
+JSON, no pickle; it also holds the head weights of that epoch, so head and optimizer always
+match), a line to ``OUT/metrics.jsonl``; a rerun resumes after the last finished epoch
+(raise ``train.epochs`` to continue a finished run).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from difffeat.errors import BadInputError, DiffFeatError
+from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
+from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
+
+from .dense_config import config_diff
+from .dense_data import DenseFolder
+from .dense_predict import (autocast, extractor_device, final_prediction, format_metrics, head_outputs, make_metric,
+                            size_multiple, update_metric)
+
+STATE_WEIGHTS, STATE_JSON = "train_state.safetensors", "train_state.json"
+HEAD_KINDS = {"seg": ("fpn", "probe"), "depth": ("depth", "probe"), "edges": ("hed", "probe")}
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.val_every", "train.device", "train.cache_dir", "data.val")
+
+
+# --------------------------------------------------------------------------- setup helpers
+def make_extractor(backbone: Mapping[str, Any], device: str | None, dtype: str | None) -> Any:
+    """``difffeat.create`` with the config's backbone section (always square ``resize``)."""
+    from difffeat.factory import create
+
+    kw = dict(backbone)
+    model = kw.pop("model", None)
+    if not kw.get("resolution"):
+        raise BadInputError("set backbone.resolution: dense training resizes images to one square size")
+    try:
+        return create(model, resize="resize", device=device, dtype=dtype, **kw)
+    except TypeError as e:
+        raise BadInputError(f"bad backbone setting: {e}") from None
+
+
+def backbone_record(backbone: Mapping[str, Any], ex: Any) -> dict[str, Any]:
+    """What the checkpoint records about the features (checked when it is loaded)."""
+    model = str(backbone.get("model"))
+    rec = {k: v for k, v in backbone.items() if k != "model"}
+    rec["preset"] = os.path.abspath(model) if os.path.isdir(model) else model
+    rec["layers"] = list(getattr(ex, "layers", backbone.get("layers") or []))
+    rec["timesteps"] = [int(t) for t in getattr(ex, "timesteps", None) or []]
+    return rec
+
+
+def lr_factor(step: int, total: int, cfg: Mapping[str, Any]) -> float:
+    """Linear warmup to 1, then poly (``poly_power``) or cosine decay to ``min_lr_ratio``."""
+    warm = int(cfg.get("warmup_steps", 0))
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    floor = float(cfg.get("min_lr_ratio", 0.0))
+    if cfg.get("schedule", "poly") == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    elif cfg.get("schedule", "poly") == "poly":
+        decay = (1 - progress) ** float(cfg.get("poly_power", 1.0))
+    else:
+        raise BadInputError(f"unknown train.schedule {cfg.get('schedule')!r}; valid: poly, cosine")
+    return floor + (1 - floor) * decay
+
+
+def task_loss(task: str, cfg: Mapping[str, Any], out: Any, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The task loss of head outputs (from :func:`head_outputs` with sides) at label size."""
+    pred, sides = out
+    if task == "seg":
+        return F.cross_entropy(pred.float(), target, ignore_index=ignore_index)
+    if task == "depth":
+        loss = cfg.get("loss", {})
+        p, t = pred.float().squeeze(1), target
+        if loss.get("kind", "silog") == "ssi":
+            return ssi_l1_loss(p, t, trim=float(loss.get("trim", 0.0)))
+        if loss.get("kind", "silog") != "silog":
+            raise BadInputError(f"unknown loss.kind {loss.get('kind')!r}; valid: silog, ssi")
+        return silog_loss(p, t, lambd=float(loss.get("lambd", 0.5)), scale=float(loss.get("scale", 1.0)))
+    t = target.unsqueeze(1)
+    return hed_loss(pred.float(), [s.float() for s in sides], t) if sides else class_balanced_bce(pred.float(), t)
+
+
+def resize_target(target: torch.Tensor, size: tuple[int, int], task: str) -> torch.Tensor:
+    """Labels to ``size``: nearest for class ids and depth (keeps invalid pixels), bilinear for soft edges."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    x = target[None, None].float()
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if task == "edges" else F.interpolate(x, size=size, mode="nearest")
+    return x[0, 0].to(target.dtype)
+
+
+# --------------------------------------------------------------------------- feature cache
+class FeatureCache:
+    """Per-image feature files under ``root/<hash of extractor settings>/`` (no labels: one
+    cache serves every task and run that uses the same features)."""
+
+    def __init__(self, root: Path, ex: Any, resolution: int) -> None:
+        meta = {k: v for k, v in ex.metadata().items() if k != "difffeat_version"}
+        meta["resolution"] = resolution
+        digest = hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.dir = Path(root) / digest
+        self.ex, self.resolution, self.meta = ex, resolution, meta
+
+    def path(self, image: Path, flip: bool) -> Path:
+        """Keyed by the image's absolute path, size and modification time (and mirroring)."""
+        st = Path(image).stat()
+        key = hashlib.sha1(f"{Path(image).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        return self.dir / f"{Path(image).stem[:40]}-{key}{'.flip' if flip else ''}.safetensors"
+
+    def build(self, ds: DenseFolder, flips: tuple[bool, ...], batch_size: int) -> None:
+        """Extract whatever is missing (resumable; each file written atomically)."""
+        todo = [(s.image, f) for s in ds.samples for f in flips if not self.path(s.image, f).exists()]
+        if not todo:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_json(self.dir / "settings.json", self.meta)
+        bar = tqdm(total=len(todo), desc="caching features", unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+        for k in range(0, len(todo), batch_size):
+            chunk = todo[k : k + batch_size]
+            images = [load_image(p) for p, _ in chunk]
+            images = [im.transpose(0) if f else im for im, (_, f) in zip(images, chunk)]  # 0 = FLIP_LEFT_RIGHT
+            feats = self.ex(self.ex.prepare(images))
+            for j, (p, f) in enumerate(chunk):
+                tensors = {k2: v[j].to(torch.float16) for k2, v in feats.items()}
+                save_features(self.path(p, f), tensors, {"image": str(p), "flip": f})
+            bar.update(len(chunk))
+        bar.close()
+
+    def load(self, image: Path, flip: bool) -> dict[str, torch.Tensor]:
+        tensors, _ = load_features(self.path(image, flip))
+        return {k: v.float() for k, v in tensors.items()}
+
+
+# --------------------------------------------------------------------------- online augmentation
+def augment(image: torch.Tensor, target: torch.Tensor, task: str, crop: int, scale_range: tuple[float, float],
+            flip: bool, g: torch.Generator, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale (shorter side = crop x s), random crop (padding if needed), random flip."""
+    _, h, w = image.shape
+    s = scale_range[0] + (scale_range[1] - scale_range[0]) * float(torch.rand(1, generator=g))
+    scale = crop * s / min(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
+    target = resize_target(target, (nh, nw), task)
+    ph, pw = max(0, crop - nh), max(0, crop - nw)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+        target = F.pad(target[None].float(), (0, pw, 0, ph), value=float(ignore_index if task == "seg" else 0))[0].to(target.dtype)
+    y = int(torch.randint(image.shape[1] - crop + 1, (1,), generator=g))
+    x = int(torch.randint(image.shape[2] - crop + 1, (1,), generator=g))
+    image, target = image[:, y : y + crop, x : x + crop], target[y : y + crop, x : x + crop]
+    if flip and float(torch.rand(1, generator=g)) < 0.5:
+        image, target = image.flip(-1), target.flip(-1)
+    return image, target
+
+
+# --------------------------------------------------------------------------- optimizer state (no pickle)
+def save_train_state(folder: Path, opt: torch.optim.Optimizer, info: Mapping[str, Any],
+                     model: torch.nn.Module | None = None) -> None:
+    """Optimizer tensors (and ``model`` weights, prefixed ``model.``) + JSON, written atomically."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in (model.state_dict() if model else {}).items()}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    with atomic_path(folder / STATE_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    save_json(folder / STATE_JSON, dict(info, param_groups=sd["param_groups"], scalars=scalars))
+
+
+def load_train_state(folder: Path, opt: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore what :func:`save_train_state` wrote; returns its ``info``."""
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / STATE_JSON).read_text())
+    state: dict[int, dict[str, Any]] = {}
+    weights = {}
+    for key, v in load_file(str(folder / STATE_WEIGHTS)).items():
+        if key.startswith("model."):
+            weights[key[6:]] = v
+            continue
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    if model is not None:
+        model.load_state_dict(weights)
+    for pid, d in info.pop("scalars").items():
+        state.setdefault(int(pid), {}).update(d)
+    opt.load_state_dict({"state": state, "param_groups": info.pop("param_groups")})
+    return info
+
+
+# --------------------------------------------------------------------------- the run
+def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any], overwrite: bool = False,
+                echo: Callable[[str], Any] = print, ex: Any = None) -> dict[str, Any]:
+    """Train (or resume) a head; returns ``{"epochs": [...per-epoch records...], "checkpoint": path}``.
+
+    ``ex``: an already built extractor matching ``cfg["backbone"]`` (else one is created).
+    """
+    out = Path(out)
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    if tcfg["mode"] not in ("cached", "online"):
+        raise BadInputError(f"unknown train.mode {tcfg['mode']!r}; valid: cached, online")
+    if cfg["head"]["kind"] not in HEAD_KINDS[task]:
+        raise BadInputError(f"head.kind {cfg['head']['kind']!r} cannot be trained for {task}; valid: {', '.join(HEAD_KINDS[task])}")
+    if overwrite:
+        for name in ("head", STATE_WEIGHTS, STATE_JSON, "metrics.jsonl", "config.yaml"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    resume = (out / STATE_JSON).exists()
+    if resume:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+        diff = config_diff(old, cfg, ignore=RESUMABLE_CHANGES)
+        if diff:
+            raise BadInputError(f"{out} holds a run with other settings ({', '.join(diff[:5])}); "
+                                "use --overwrite or another -o")
+        info = json.loads((out / STATE_JSON).read_text())
+        if int(info["epoch"]) >= int(tcfg["epochs"]):
+            echo(f"{out} already finished {info['epoch']} epochs; raise train.epochs to continue or use --overwrite")
+            return {"epochs": info.get("history", []), "checkpoint": out / "head"}
+
+    seed = int(tcfg["seed"])
+    torch.manual_seed(seed)
+    ignore = int(dcfg.get("ignore_index", 255))
+    ds_kw = dict(depth_scale=float(dcfg.get("depth_scale", 1000.0)), ignore_index=ignore,
+                 reduce_zero_label=bool(dcfg.get("reduce_zero_label", False)))
+    train_ds = DenseFolder(data, task, classes=dcfg.get("classes"), **ds_kw)  # type: ignore[arg-type]
+    val_ds = None
+    if dcfg.get("val"):
+        val_ds = DenseFolder(dcfg["val"], task, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
+
+    ex = ex if ex is not None else make_extractor(cfg["backbone"], tcfg.get("device"), tcfg.get("dtype"))
+    device = extractor_device(ex)
+    res = int(cfg["backbone"]["resolution"])
+    multiple = size_multiple(ex)
+    if res % multiple:
+        raise BadInputError(f"backbone.resolution {res} is not a multiple of {multiple} for this model")
+
+    head_args = dict(cfg["head"].get("args") or {})
+    num_classes = train_ds.num_classes if task == "seg" else None
+    if cfg["head"]["kind"] == "probe":
+        head_args.setdefault("num_outputs", num_classes or 1)
+    elif task == "seg":
+        head_args.setdefault("num_classes", num_classes)
+    head = build_head(cfg["head"]["kind"], ex.feature_info, aggregator=cfg["head"].get("aggregator"), **head_args).to(device)
+    opt = torch.optim.AdamW(head.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
+
+    # ---- data
+    flips = (False, True) if tcfg.get("cache_flip", True) else (False,)
+    cache = None
+    if tcfg["mode"] == "cached":
+        cache = FeatureCache(Path(tcfg.get("cache_dir") or out / "cache"), ex, res)
+        cache.build(train_ds, flips, batch_size=int(tcfg["batch_size"]))
+        if val_ds is not None:
+            cache.build(val_ds, (False,), batch_size=int(tcfg["batch_size"]))
+    else:
+        crop = int(tcfg["crop_size"])
+        if crop % multiple:
+            raise BadInputError(f"train.crop_size {crop} is not a multiple of {multiple} for this model")
+    bs = int(tcfg["batch_size"])
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / bs))
+    total = int(tcfg["epochs"]) * steps_per_epoch
+
+    start_epoch, step, history = 0, 0, []
+    if resume:
+        info = load_train_state(out, opt, head)  # head and optimizer of the same finished epoch
+        start_epoch, step = int(info["epoch"]), int(info["step"])
+        history = info.get("history", [])
+        echo(f"resuming {out} after epoch {start_epoch}")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    save_kw = dict(backbone=backbone_record(cfg["backbone"], ex), task=task, image_size=res,
+                   classes=train_ds.classes or ([str(i) for i in range(num_classes)] if num_classes else None),
+                   palette=train_ds.palette)
+    params = [p for p in head.parameters() if p.requires_grad]
+    for epoch in range(start_epoch, int(tcfg["epochs"])):
+        head.train()
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(len(train_ds), generator=g).tolist()
+        t0, seen, losses, window = time.time(), 0, [], []
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="step",
+                   disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+        for b in range(steps_per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            if cache is not None:
+                flipped = [flips[-1] and float(torch.rand(1, generator=g)) < 0.5 for _ in idx]
+                loaded = [cache.load(train_ds.samples[i].image, f) for i, f in zip(idx, flipped)]
+                feats = {k: torch.stack([f[k] for f in loaded]).to(device) for k in loaded[0]}
+                targets = [train_ds.labels(i)["target"] for i in idx]
+                targets = [resize_target(t.flip(-1) if f else t, (res, res), task) for t, f in zip(targets, flipped)]
+                target = torch.stack(targets).to(device)
+            else:
+                items = [train_ds[i] for i in idx]
+                pairs = [augment(it["image"], it["target"], task, crop, tuple(tcfg["scale_range"]), bool(tcfg["flip"]), g, ignore)
+                         for it in items]
+                feats = ex(torch.stack([p[0] for p in pairs]))
+                target = torch.stack([p[1] for p in pairs]).to(device)
+            lr = float(tcfg["lr"]) * lr_factor(step, total, tcfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast(device, bool(tcfg.get("amp", True))):
+                out_maps = head_outputs(head, feats, target.shape[-2:], task, cfg, with_sides=True)
+                loss = task_loss(task, cfg, out_maps, target, ignore)
+            if not torch.isfinite(loss):
+                raise DiffFeatError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1} step {b + 1}; lower train.lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if float(tcfg.get("grad_clip") or 0) > 0:
+                torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
+            opt.step()
+            step += 1
+            seen += len(idx)
+            losses.append(loss.item())
+            window.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            if step % int(tcfg.get("log_every", 10)) == 0:
+                _log(out, {"epoch": epoch + 1, "step": step, "loss": sum(window) / len(window), "lr": lr})
+                window = []
+        bar.close()
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses),
+                                  "images_per_s": seen / max(time.time() - t0, 1e-9)}
+        if val_ds is not None and (epoch + 1) % int(tcfg.get("val_every", 1)) == 0:
+            val = validate(task, head, ex, val_ds, cfg, cache, device)
+            record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
+            echo(f"epoch {epoch + 1}: val {format_metrics(task, val)}")
+        history.append(record)
+        _log(out, record)
+        echo(f"epoch {epoch + 1}/{tcfg['epochs']}: loss {record['train_loss']:.4f} ({record['images_per_s']:.1f} img/s)")
+        save_train_state(out, opt, {"epoch": epoch + 1, "step": step, "history": history}, head)
+        save_head(head, out / "head", extra={"train_config": cfg, "history": history}, **save_kw)  # type: ignore[arg-type]
+    return {"epochs": history, "checkpoint": out / "head"}
+
+
+@torch.no_grad()
+def validate(task: str, head: torch.nn.Module, ex: Any, ds: DenseFolder, cfg: Mapping[str, Any],
+             cache: FeatureCache | None, device: torch.device) -> dict[str, Any]:
+    """Metrics of ``head`` on ``ds`` at label resolution (whole-image inference)."""
+    from difffeat.io import prepare_image
+
+    d = cfg["data"]
+    metric = make_metric(task, num_classes=ds.num_classes, class_names=ds.classes, ignore_index=int(d.get("ignore_index", 255)),
+                         min_depth=float(d.get("min_depth", 1e-3)), max_depth=d.get("max_depth"), align=d.get("align"),
+                         thresholds=int(d.get("thresholds", 99)), max_dist=float(d.get("max_dist", 0.0075)))
+    head.eval()
+    res = int(cfg["backbone"]["resolution"])
+    for i in range(len(ds)):
+        item = ds.labels(i)
+        if cache is not None:
+            feats = {k: v[None].to(device) for k, v in cache.load(ds.samples[i].image, False).items()}
+        else:
+            feats = ex(prepare_image(load_image(ds.samples[i].image), res, "resize", size_multiple(ex)).image[None])
+        with autocast(device, bool(cfg["train"].get("amp", True))):
+            pred = head_outputs(head, feats, item["target"].shape[-2:], task, cfg)
+        update_metric(metric, task, final_prediction(task, pred[0].float()), item)
+    head.train()
+    return metric.compute()
+
+
+def _log(out: Path, record: Mapping[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(dict(record), default=float) + "\n")
