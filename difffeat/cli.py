@@ -136,14 +136,30 @@ def layers_cmd(model: str | None, random_weights: bool, device: str) -> None:
 @click.option("--save-dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp16", show_default=True)
 @click.option("--viz", "viz_layer", default=None, help="Also write a PCA->RGB PNG of this output key.")
 @click.option("--overwrite", is_flag=True, help="Recompute outputs that already exist.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="Write N images per safetensors shard (+ JSONL index) instead of one file per image.")
 def extract_cmd(images: Path, out_dir: Path, batch_size: int, latent: str | None, save_dtype: str,
-                viz_layer: str | None, overwrite: bool, **opts: Any) -> None:
-    """Extract features of every image under IMAGES into one safetensors file per image."""
+                viz_layer: str | None, overwrite: bool, shard_size: int | None, **opts: Any) -> None:
+    """Extract features of every image under IMAGES into one safetensors file per image.
+
+    Under torchrun / accelerate launch every rank takes its share of the images on its own
+    GPU; the outputs are byte-identical to a one-process run (docs/scaling.md).
+    """
+    from .distributed import rank_device
     from .pipeline import extract_folder
 
+    if shard_size is not None and viz_layer is not None:
+        raise click.UsageError("--viz writes one PNG per image and cannot be combined with --shard-size")
+    opts["device"] = rank_device(opts.get("device"))
     ex = extractor_from_options(**opts)
     if latent is not None and hasattr(ex, "latent"):
         ex.latent = latent
+    if shard_size is not None:
+        from .shards import extract_folder_sharded
+
+        extract_folder_sharded(ex, images, out_dir, shard_size=shard_size, batch_size=batch_size,
+                               save_dtype=save_dtype, overwrite=overwrite)
+        return
     extract_folder(ex, images, out_dir, batch_size=batch_size, save_dtype=save_dtype, viz_key=viz_layer, overwrite=overwrite)
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import DiffFeatError
+from .distributed import dist_info, progress_bar, rank_share
 from .io import FolderRun, list_images, load_image, output_path, save_features, save_png
 
 
@@ -47,7 +48,8 @@ def run_folder(
 ) -> FolderRun:
     """Run ``process`` over batches of readable, unfinished images under ``inputs``."""
     root, out_dir = Path(inputs), Path(out_dir)
-    files = list_images(root)
+    info = dist_info()
+    files = rank_share(list_images(root), batch_size, info)  # this rank's batches (all of them on one process)
     run = FolderRun(echo=echo or (lambda m: tqdm.write(m, file=__import__("sys").stderr)))
     todo = []
     for p in files:
@@ -56,9 +58,9 @@ def run_folder(
             run.skipped += 1
         else:
             todo.append(Item(p, out))
-    if run.skipped:
+    if run.skipped and info.is_main:
         tqdm.write(f"resuming: {run.skipped} of {len(files)} {desc} already done (use --overwrite to redo)")
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not todo or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    bar = progress_bar(len(todo), desc, info)
     batch: list[Item] = []
 
     def flush() -> None:

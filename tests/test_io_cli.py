@@ -114,3 +114,41 @@ def test_cli_errors_and_listing(tiny_sd_dir: Path, image_folder: Path, tmp_path:
     assert r.exit_code == 0
     rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[1:]}
     assert rows["up.1"] == ["32", "16"] and rows["down.0"] == ["16", "16"] and "up.1.res.0" in rows
+
+
+def test_cli_extract_data_parallel_ranks_split_work_and_match_one_process(
+        tiny_sd_dir: Path, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two torchrun ranks (simulated by RANK/WORLD_SIZE) each write their own share; together
+    they produce exactly the one-process files, byte for byte, in both output modes."""
+    import hashlib
+
+    def digests(folder: Path, pattern: str) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob(pattern))}
+
+    base = ["extract", str(image_folder), "-m", str(tiny_sd_dir), "-l", "up.1", "-t", "261", "-e", "2",
+            "-b", "2", "--device", "cpu"]
+    assert run_cli(*base, "-o", str(tmp_path / "one")).exit_code == 0
+    single = digests(tmp_path / "one", "*.safetensors")
+    assert len(single) == 5
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        r = run_cli(*base, "-o", str(tmp_path / f"rank{rank}"))
+        assert r.exit_code == 0, r.output
+        shares.append(digests(tmp_path / f"rank{rank}", "*.safetensors"))
+    assert not set(shares[0]) & set(shares[1]), "an image was processed by both ranks"
+    assert {**shares[0], **shares[1]} == single
+    # sharded mode: ranks write into one folder; the last rank to finish merges the index
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        r = run_cli(*base, "-o", str(tmp_path / "sh2"), "--shard-size", "2")
+        assert r.exit_code == 0, r.output
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert run_cli(*base, "-o", str(tmp_path / "sh1"), "--shard-size", "2").exit_code == 0
+    assert digests(tmp_path / "sh2", "shard-*.safetensors") == digests(tmp_path / "sh1", "shard-*.safetensors")
+    assert (tmp_path / "sh2" / "index.jsonl").read_bytes() == (tmp_path / "sh1" / "index.jsonl").read_bytes()
+    bad = run_cli(*base, "-o", str(tmp_path / "x"), "--shard-size", "2", "--viz", "up.1")
+    assert bad.exit_code != 0 and "--viz" in bad.output
