@@ -100,7 +100,8 @@ def worker(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo")  # barriers for timing only; extraction itself never communicates
     device = rank_device(args.device, info)
     if device and device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+        if ":" in device:
+            torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
     ex = difffeat.create(args.skeleton, layers=[args.layer], timesteps=[args.timestep], ensemble=args.ensemble,
@@ -195,7 +196,8 @@ def main() -> None:
                    __file__, "--worker", "--mode", mode, "--out", str(out), *passthrough]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(json.dumps({"bench": "scaling", "mode": mode, "world_size": w, "error": proc.stderr[-1500:]}), flush=True)
+                print(json.dumps({"bench": "scaling", "mode": mode, "world_size": w, "error": "\n".join(l for l in proc.stderr.splitlines()
+                                                  if "Error" in l or "error:" in l)[-2500:] or proc.stderr[-1500:]}), flush=True)
                 ok = False
                 continue
             res = json.loads((out / f"bench-{mode}.json").read_text())
