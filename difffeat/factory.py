@@ -36,6 +36,9 @@ def create(
     compile: bool = False,
     early_exit: bool = True,
     random_weights: bool = False,
+    attention_heads: str = "mean",
+    use_t5: bool = True,
+    prompt_cache: str | None = None,
     backbone: DiffusionBackbone | None = None,
 ) -> Any:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
@@ -45,6 +48,10 @@ def create(
     ``configs/``) bring a paper's whole protocol. Any keyword given here overrides them.
     Returns a :class:`~difffeat.extractor.FeatureExtractor`, a
     :class:`~difffeat.dino.DinoExtractor` or a :class:`~difffeat.fusion.FusedExtractor`.
+
+    ``attention_heads`` ("mean" or "all") shapes ``attn.*`` layers; ``use_t5=False`` never loads
+    T5 text encoders (SD3, PixArt); ``prompt_cache`` is a folder of cached prompt embeddings
+    (see :func:`~difffeat.backbone.load_backbone`).
     """
     name = name or DEFAULT_MODEL
     settings: dict[str, Any] = {}
@@ -65,7 +72,8 @@ def create(
             resolution=_pick(resolution, settings.get("resolution"), mp.resolution),
             dtype=dtype, device=device, random_weights=random_weights,
         )
-    bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights)
+    bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
+                                   use_t5=use_t5, prompt_cache=prompt_cache)
     from .extractor import FeatureExtractor
 
     default_layers = mp.layers if mp else _default_layers(bb)
@@ -84,6 +92,7 @@ def create(
         max_batch=max_batch,
         compile=compile,
         early_exit=early_exit,
+        attention_heads=attention_heads,
     )
 
 

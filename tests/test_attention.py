@@ -121,6 +121,9 @@ def test_cross_attention_equals_manual_softmax(tiny_sd) -> None:  # type: ignore
     manual = (q @ k.transpose(-1, -2) / d**0.5).softmax(-1)
     assert a.shape == (1, attn.heads, 4, 77)  # up.1 attends on the 2x2 grid of an 8x8 latent
     torch.testing.assert_close(a, manual, rtol=1e-5, atol=1e-6)
+    per_head = difffeat.create(bb.source, backbone=bb, layers=["attn.cross.up.1.attn.0"], attention_heads="all").run_denoiser(
+        x_t, torch.tensor([300]), bb.conditioning(prompts="a cat", batch=1))["attn.cross.up.1.attn.0"]
+    torch.testing.assert_close(per_head, manual, rtol=1e-5, atol=1e-6)
     mean = difffeat.create(bb.source, backbone=bb, layers=["attn.cross.up.1.attn.0"]).run_denoiser(
         x_t, torch.tensor([300]), bb.conditioning(prompts="a cat", batch=1))["attn.cross.up.1.attn.0"]
     torch.testing.assert_close(mean, manual.mean(1), rtol=1e-5, atol=1e-6)

@@ -82,7 +82,7 @@ def test_fused_extractor_end_to_end(tiny_sd, tiny_dino: DinoExtractor) -> None: 
 def test_sd_dino_preset_is_faithful() -> None:
     p = difffeat.registry.get_preset("sd-dino")
     src_sd, src_dino = p.raw["fusion"]["sources"]
-    assert (src_sd["model"], src_sd["timesteps"], src_sd["layers"], src_sd["pca"]) == ("sd15", [100], ["up.0", "up.1", "up.2"], 256)
+    assert (src_sd["model"], src_sd["timesteps"], src_sd["layers"], src_sd["pca"]) == ("sd15", [100], ["up.0.res.1", "up.1.attn.1", "up.2.attn.1"], 256)
     assert (src_sd["resolution"], src_dino["resolution"], p.raw["fusion"]["grid"]) == (960, 840, 60)
     assert (src_dino["model"], src_dino["layers"]) == ("dinov2-b", ["block.11"])
     assert src_sd["weight"] == src_dino["weight"] == 0.5

@@ -208,6 +208,11 @@ def test_pixart_t5_mask_precomputed_embeddings_and_disk_cache(pixart_dir: Path, 
     via = ex(x, prompt_embeds=pe, prompt_attention_mask=mask)["block.1"]
     torch.testing.assert_close(via, from_cache, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ex(x, prompt_embeds=pe)["block.1"], via)  # the mask matters
+    # the same options through difffeat.create alone (no hand-built backbone)
+    ex2 = difffeat.create(str(pixart_dir), use_t5=False, prompt_cache=str(cache), layers=["block.1"], timesteps=[200],
+                          noise="clean", dtype="fp32", device="cpu")
+    assert ex2.backbone.text_encoders() == []
+    torch.testing.assert_close(ex2(x, prompts="a cat")["block.1"], from_cache, rtol=1e-5, atol=1e-5)
 
 
 def test_dit_class_labels_and_null_class(dit_dir: Path) -> None:
