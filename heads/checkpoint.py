@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from difffeat.errors import BadInputError, CheckpointMismatchError
-from difffeat.io import atomic_path, save_json
+from difffeat.io import atomic_path, json_default, save_json
 
 from .registry import build_head
 
@@ -84,7 +84,7 @@ def save_head(
         "palette": None if palette is None else [list(map(int, c)) for c in palette],
         "extra": dict(extra or {}),
     }
-    config = json.loads(json.dumps(config, default=_json_default))  # fail early if not JSON-able
+    config = json.loads(json.dumps(config, default=json_default))  # fail early if not JSON-able
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
@@ -177,12 +177,3 @@ def _norm(v: Any) -> Any:
         return int(v)
     return v
 
-
-def _json_default(o: object) -> object:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

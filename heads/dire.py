@@ -49,7 +49,7 @@ from torch import nn
 
 from difffeat.backbone import DiffusionBackbone
 from difffeat.errors import BadInputError
-from difffeat.io import atomic_path, pil_to_tensor, save_json, save_png
+from difffeat.io import atomic_path, json_default, pil_to_tensor, save_json, save_png
 
 from .ddim import SPACINGS, check_ddim_support, default_conditioning, invert_and_reconstruct
 
@@ -373,7 +373,7 @@ def save_detector(folder: str | os.PathLike, config: Mapping[str, Any], module: 
 
     if config.get("kind") not in KINDS:
         raise BadInputError(f"unknown detector kind {config.get('kind')!r}; valid: {', '.join(KINDS)}")
-    cfg = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **config}, default=_json_default))
+    cfg = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **config}, default=json_default))
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     state = {} if module is None else {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -412,15 +412,6 @@ def load_detector_weights(folder: str | os.PathLike, module: nn.Module) -> nn.Mo
         raise BadInputError(f"cannot load detector weights {p / WEIGHTS}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return module.eval()
 
-
-def _json_default(o: object) -> object:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 __all__ = [
