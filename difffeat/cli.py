@@ -92,14 +92,17 @@ def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps
 @cli.command("models")
 def models_cmd() -> None:
     """List model presets and method presets."""
-    from .registry import MODELS, method_presets
+    from .registry import MODELS, method_presets, task_configs
 
     click.echo("models:")
     for name, p in sorted(MODELS.items()):
         click.echo(f"  {name:<16} {p.family:<7} {p.resolution:>5}px  layers={','.join(p.layers)} t={','.join(map(str, p.timesteps))}  {p.hub_id}")
-    click.echo("method presets:")
+    click.echo("method presets (difffeat.create / --preset):")
     for name, p in sorted(method_presets().items()):
         click.echo(f"  {name:<16} task={p.task:<11} {p.citation[:70]}")
+    click.echo("task configs (--preset of detect, --config of train):")
+    for path, data in task_configs():
+        click.echo(f"  {data.get('name', path.stem):<16} task={str(data.get('task', '')):<11} {path.parent.name}/{path.name}")
 
 
 @cli.command("layers")

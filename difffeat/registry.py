@@ -169,6 +169,20 @@ def method_presets() -> dict[str, MethodPreset]:
     return out
 
 
+def task_configs() -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML files under ``configs/`` that are not method presets: a task command's own
+    settings (``detect --preset``, ``train seg --config``), each with a top-level ``task``."""
+    presets = {Path(p.path) for p in method_presets().values()}
+    out = []
+    for path in sorted(_config_root().rglob("*.yaml")):
+        if path in presets:
+            continue
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, dict) and "task" in data:
+            out.append((path, data))
+    return out
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Model preset names matching a glob ``pattern`` (timm-style)."""
     import fnmatch

@@ -110,6 +110,7 @@ def test_cli_errors_and_listing(tiny_sd_dir: Path, image_folder: Path, tmp_path:
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
     r = run_cli("models")
     assert r.exit_code == 0 and "sd21" in r.output and "stabilityai/stable-diffusion-2-1" in r.output and "sd-dino" in r.output
+    assert "dire-adm256      task=detect" in r.output and "train/seg.yaml" in r.output  # task configs are listed too
     r = run_cli("layers", str(tiny_sd_dir))
     assert r.exit_code == 0
     rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[1:]}
