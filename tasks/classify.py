@@ -42,7 +42,8 @@ from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
 )
 from difffeat.heads.probe_cls import ProbeClassifier, accuracy, pool_features
-from difffeat.io import FolderRun, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_device, rank_share
+from difffeat.io import FolderRun, atomic_path, image_key, list_images, load_image, pil_to_tensor, save_png
 
 CSV_FIELDS = ["image", "top1", "score", "topk"]
 
@@ -202,17 +203,28 @@ def model_id(model: str) -> str:
 # ---------------------------------------------------------------- the run
 def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, topk: int,
                  overwrite: bool, files: list[Path] | None = None) -> FolderRun:
-    """Classify every image not yet in ``out``; append one CSV row per image."""
+    """Classify every image not yet in ``out``; append one CSV row per image.
+
+    Under torchrun / accelerate launch each rank classifies its share of the images
+    (:func:`~difffeat.distributed.rank_share`) into ``OUT.rankR-of-N.csv``; the rank that
+    finds every image classified merges the parts into ``out`` in image order (see
+    :func:`merge_rank_csvs`), so the file is the same as a one-process run's.
+    """
     files = files if files is not None else list_images(images)
-    if overwrite and out.exists():
+    info = dist_info()
+    if overwrite and out.exists() and info.is_main:
         out.unlink()
-    done = read_csv(out)
-    todo = [f for f in files if str(f) not in done]
+    mine = rank_share(files, batch_size, info)
+    part = rank_csv(out, info) if info.world_size > 1 else out
+    if overwrite and part.exists():
+        part.unlink()
+    done = {**read_csv(out), **read_csv(part)}
+    todo = [f for f in mine if str(f) not in done]
     run = FolderRun(echo=lambda m: tqdm.write(m))
-    run.skipped = len(files) - len(todo)
-    if run.skipped:
-        tqdm.write(f"resuming: {run.skipped} of {len(files)} images already in {out} (use --overwrite to redo)")
-    bar = tqdm(total=len(todo), desc="classify", unit="img", disable=not todo or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    run.skipped = len(mine) - len(todo)
+    if run.skipped and info.is_main:
+        tqdm.write(f"resuming: {run.skipped} of {len(mine)} images already in {out} (use --overwrite to redo)")
+    bar = progress_bar(len(todo), "classify", info)
     batch: list[tuple[Path, Image.Image]] = []
 
     def flush() -> None:
@@ -221,7 +233,7 @@ def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, t
         with run.item(batch[0][0]):
             results = predict([im for _, im in batch])
             for (path, _), (ranked, score) in zip(batch, results):
-                append_row(out, make_row(str(path), ranked, score, topk))
+                append_row(part, make_row(str(path), ranked, score, topk))
             run.done += len(batch) - 1  # run.item counts one
         bar.update(len(batch))
         batch.clear()
@@ -237,7 +249,41 @@ def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, t
             flush()
     flush()
     bar.close()
+    if info.world_size > 1:
+        run.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
     return run
+
+
+def rank_csv(out: Path, info: DistInfo) -> Path:
+    """The CSV a rank appends to in a data-parallel run."""
+    return out.with_name(f"{out.stem}.rank{info.rank}-of-{info.world_size}{out.suffix}")
+
+
+def merge_rank_csvs(out: Path, files: Sequence[Path], world_size: int) -> bool:
+    """Merge the ranks' CSVs into ``out`` once every readable image of ``files`` has a row.
+
+    Called by every rank when it finishes; ranks that find rows still missing return False
+    (a later rank merges). The merge is atomic, ordered like ``files``, and keeps the part
+    files until ``out`` is in place, so a crash at any point loses nothing.
+    """
+    parts = [out.with_name(f"{out.stem}.rank{r}-of-{world_size}{out.suffix}") for r in range(world_size)]
+    rows = read_csv(out)
+    for p in parts:
+        rows.update(read_csv(p))
+    for f in files:
+        if str(f) not in rows:
+            try:
+                load_image(f)
+            except DiffFeatError:
+                continue  # reported by the rank that owns it
+            return False
+    with atomic_path(out) as tmp:
+        for f in files:
+            if str(f) in rows:
+                append_row(tmp, {k: rows[str(f)][k] for k in CSV_FIELDS})
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return True
 
 
 def evaluate_csv(out: Path, root: Path, files: list[Path], labels: list[str], classes: Sequence[str],
@@ -343,6 +389,7 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                  max_batch: int, compile_: bool, seed: int, random_weights: bool, out: Path, evaluate: bool,
                  overwrite: bool) -> None:
     """Classify IMAGES zero-shot (Diffusion Classifier) or with a trained probe; write a CSV."""
+    device = rank_device(device)
     files, labels = labelled_images(images) if evaluate else (list_images(images), [])
     class_list = parse_classes(classes, classes_file)
     if probe_path is not None:
@@ -365,6 +412,10 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
     if evaluate:
         folder_to_class(labels, names)  # fail before the run if a folder matches no class
     run = run_classify(images, out, predict, batch, topk, overwrite, files)
+    if not getattr(run, "merged", True):
+        click.echo(f"rank {dist_info().rank}: {run.done} new rows; another rank merges {out}")
+        run.finish("images")
+        return
     click.echo(f"wrote {out}: {run.done} new, {run.skipped} already there")
     if evaluate:
         r = evaluate_csv(out, images, files, labels, names, zero_shot)

@@ -212,6 +212,28 @@ def test_cli_zero_shot_text_model_eval_and_resume(tiny_sd_dir: Path, tmp_path: P
     assert len(list(csv.DictReader(out.open()))) == 2
 
 
+def test_cli_zero_shot_data_parallel_ranks_merge_to_the_one_process_csv(
+        tiny_sd_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two torchrun ranks (RANK/WORLD_SIZE) classify disjoint shares; the last one to finish
+    merges a CSV equal to a one-process run's, row for row, and evaluates it."""
+    root = labelled(tmp_path / "imgs", ["cat", "dog"], 2)
+    base = ["classify", str(root), "-m", str(tiny_sd_dir), "--n-samples", "1,2", "--to-keep", "1,1",
+            "--resolution", "64", "--device", "cpu", "--eval"]
+    assert run_cli(*base, "-o", str(tmp_path / "one.csv")).exit_code == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "two.csv"
+    monkeypatch.setenv("RANK", "1")
+    r1 = run_cli(*base, "-o", str(out))
+    assert r1.exit_code == 0 and "another rank merges" in r1.output and not out.exists()
+    part1 = list(csv.DictReader((tmp_path / "two.rank1-of-2.csv").open()))
+    assert len(part1) == 2  # batch size 1: rank 1 owns images 1 and 3 of 4
+    monkeypatch.setenv("RANK", "0")
+    r0 = run_cli(*base, "-o", str(out))
+    assert r0.exit_code == 0 and "accuracy:" in r0.output
+    assert out.read_text() == (tmp_path / "one.csv").read_text()
+    assert not list(tmp_path.glob("two.rank*"))
+
+
 @pytest.mark.parametrize("classes, message", [
     ("", "empty class list"), ("cat,dog,cat", "duplicated class 'cat'"), ("cat", "only one class")])
 def test_cli_class_list_errors(tmp_path: Path, classes: str, message: str) -> None:
