@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from difffeat.cli import cli, eval_group, extractor_from_options, model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
+from difffeat.distributed import dist_info, rank_device, rank_share
 from difffeat.fusion import fuse, l2_normalize, resample
 from difffeat.heads import matching as M
 from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
@@ -509,16 +510,20 @@ def run_pairs(pipeline: CorrespondPipeline, jobs: Sequence[PairJob], out_dir: Pa
     line and the run goes on (the run then ends with an error naming the failures).
     """
     out_dir = Path(out_dir)
+    info = dist_info()
+    # data-parallel (torchrun): each rank takes one contiguous block of the pair list, so an
+    # image shared by neighbouring pairs is still extracted once per rank
+    jobs = rank_share(list(jobs), max(1, -(-len(jobs) // info.world_size)), info)
     todo = [j for j in jobs if overwrite or not (out_dir / f"{j.name}.json").exists()]
     run = FolderRun(echo=lambda m: tqdm.write(m, file=__import__("sys").stderr))
     run.skipped = len(jobs) - len(todo)
-    if run.skipped:
+    if run.skipped and info.is_main:
         tqdm.write(f"resuming: {run.skipped} of {len(jobs)} pairs already done (use --overwrite to redo)")
     for j in todo:
         if j.points is None and not dense:
             raise BadInputError(f"pair {j.name} has no points; give --points, --points-file or --dense")
     cache = FeatureCache(pipeline, [k for j in todo for k in ((j.src, j.category, False), (j.tgt, j.category, False))])
-    show = progress and len(todo) > 1 and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1"
+    show = progress and len(todo) > 1 and info.is_main and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1"
     for j in tqdm(todo, desc="pairs", unit="pair", disable=not show):
         try:
             _run_one(pipeline, cache, j, out_dir, dense)
@@ -703,6 +708,7 @@ def correspond_cmd(source: Path | None, target: Path | None, points_text: str | 
         src_img, _ = load_image(jobs[0].src), load_image(jobs[0].tgt)  # fail before loading a model
         if jobs[0].points is not None:
             check_points(jobs[0].points, (src_img.height, src_img.width))
+    opts["device"] = rank_device(opts.get("device"))
     pipeline = _pipeline_from_cli(preset, metric, mode, upsample, flip_test, opts)
     run = run_pairs(pipeline, jobs, out_dir, dense=dense, overwrite=overwrite)
     click.echo(f"{run.done} pair(s) matched, {run.skipped} skipped -> {out_dir}")

@@ -100,7 +100,7 @@ class Counting(nn.Module):
         return self.inner(images, **kw)
 
 
-def test_pairs_file_extracts_each_image_once_and_resumes(tiny_sd_dir, images, tmp_path):
+def test_pairs_file_extracts_each_image_once_and_resumes(tiny_sd_dir, images, tmp_path, monkeypatch):
     csv_path = images / "pairs.csv"
     csv_path.write_text('source,target,category,points\na.png,b.jpg,cat,"5,6;40,33"\nb.jpg,c.png,cat,"2,3"\n'
                         'a.png,c.png,cat,\n')
@@ -131,6 +131,14 @@ def test_pairs_file_extracts_each_image_once_and_resumes(tiny_sd_dir, images, tm
     with pytest.raises(DiffFeatError, match="1 of 2 pairs failed"):
         C.run_pairs(pipe, [bad, jobs[1]], tmp_path / "out2")
     assert [p.name for p in (tmp_path / "out2").glob("*.json")] == ["00001_b__c.json"]
+    # data-parallel (torchrun ranks): disjoint contiguous blocks, identical files to one process
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        part = C.run_pairs(pipe, jobs, tmp_path / "dp")
+        assert (part.done, part.skipped) == ((2, 0) if rank == 0 else (1, 0))
+    for j in jobs:
+        assert (tmp_path / "dp" / f"{j.name}.json").read_bytes() == (out / f"{j.name}.json").read_bytes()
 
 
 def test_eval_correspond_prints_pck_and_resumes(tiny_sd_dir, tmp_path):
