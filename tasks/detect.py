@@ -375,9 +375,13 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
     assembled, so an interrupted run continues where it stopped.
     """
+    from difffeat.distributed import rank_device
     from difffeat.pipeline import run_folder
 
-    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device)
+    # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
+    # assembles the CSV from the parts present, so the last one to finish writes it whole
+    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
+                    rank_device(device))
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
