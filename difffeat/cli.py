@@ -80,11 +80,12 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], ensemble: int | None,
                            prompt: str | None, noise: str | None, seed: int, resolution: int | None, resize: str | None,
                            dtype: str | None, device: str | None, max_batch: int, compile_: bool, **_: Any) -> Any:
-    """Build the extractor the shared options describe."""
+    """Build the extractor the shared options describe (on this rank's GPU under torchrun)."""
+    from .distributed import rank_device
     from .factory import create
 
     return create(model, layers=list(layers) or None, timesteps=list(timesteps) or None, ensemble=ensemble, prompt=prompt,
-                  noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=device,
+                  noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=rank_device(device),
                   max_batch=max_batch, compile=compile_)
 
 
@@ -148,12 +149,10 @@ def extract_cmd(images: Path, out_dir: Path, batch_size: int, latent: str | None
     Under torchrun / accelerate launch every rank takes its share of the images on its own
     GPU; the outputs are byte-identical to a one-process run (docs/scaling.md).
     """
-    from .distributed import rank_device
     from .pipeline import extract_folder
 
     if shard_size is not None and viz_layer is not None:
         raise click.UsageError("--viz writes one PNG per image and cannot be combined with --shard-size")
-    opts["device"] = rank_device(opts.get("device"))
     ex = extractor_from_options(**opts)
     if latent is not None and hasattr(ex, "latent"):
         ex.latent = latent

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from difffeat.cli import cli, eval_group, extractor_from_options, model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
-from difffeat.distributed import dist_info, rank_device, rank_share
+from difffeat.distributed import dist_info, rank_share
 from difffeat.fusion import fuse, l2_normalize, resample
 from difffeat.heads import matching as M
 from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
@@ -708,7 +708,6 @@ def correspond_cmd(source: Path | None, target: Path | None, points_text: str | 
         src_img, _ = load_image(jobs[0].src), load_image(jobs[0].tgt)  # fail before loading a model
         if jobs[0].points is not None:
             check_points(jobs[0].points, (src_img.height, src_img.width))
-    opts["device"] = rank_device(opts.get("device"))
     pipeline = _pipeline_from_cli(preset, metric, mode, upsample, flip_test, opts)
     run = run_pairs(pipeline, jobs, out_dir, dense=dense, overwrite=overwrite)
     click.echo(f"{run.done} pair(s) matched, {run.skipped} skipped -> {out_dir}")
