@@ -6,9 +6,8 @@ geometry). The per-cluster similarity maps are bilinearly upsampled to the outpu
 and the arg-max gives the segment of every pixel, so boundaries are not blocky.
 
 This is the clustering baseline that diffusion-feature segmentation papers compare with
-(e.g. the K-means baseline of DiffSeg, Tian et al., CVPR 2024). DiffSeg's own method
-merges self-attention maps iteratively (KL-divergence merging); it needs attention
-capture and is not implemented here.
+(e.g. the K-means baseline of DiffSeg, Tian et al., CVPR 2024). DiffSeg's own method,
+merging self-attention maps, is :mod:`difffeat.heads.diffseg`.
 """
 from __future__ import annotations
 
@@ -65,11 +64,17 @@ def kmeans_segment(
         c, labels = kmeans(fmap.flatten(1).T, k, iters, seed)
         sim = (F.normalize(fmap, dim=0).flatten(1).T @ c.T).T.reshape(len(c), *grid)
         seg = resize(sim[None], out_size or grid)[0].argmax(0)
-        # relabel by first appearance in raster order so ids do not depend on the seeding
-        flat = seg.flatten()
-        first = torch.full((len(c),), flat.numel(), device=flat.device, dtype=torch.long)
-        first.scatter_reduce_(0, flat, torch.arange(flat.numel(), device=flat.device), reduce="amin")
-        lut = torch.empty_like(first)
-        lut[first.argsort()] = torch.arange(len(c), device=flat.device)
-        out.append(lut[seg])
+        out.append(relabel_by_first_appearance(seg, len(c)))
     return torch.stack(out)
+
+
+def relabel_by_first_appearance(seg: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Renumber segment ids ``[H, W]`` by first appearance in raster order, so ids do not
+    depend on how clusters were seeded (ids absent from ``seg`` go last)."""
+    n = int(seg.max()) + 1 if n is None else n
+    flat = seg.flatten()
+    first = torch.full((n,), flat.numel(), device=flat.device, dtype=torch.long)
+    first.scatter_reduce_(0, flat, torch.arange(flat.numel(), device=flat.device), reduce="amin")
+    lut = torch.empty_like(first)
+    lut[first.argsort()] = torch.arange(n, device=flat.device)
+    return lut[seg]
