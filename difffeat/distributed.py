@@ -167,12 +167,14 @@ def prepare_ddp(
 
     The effective batch is ``world_size`` times the per-rank batch; scale the learning rate
     (or the per-rank batch) accordingly. ``accelerator_kwargs`` go to ``Accelerator``
-    (e.g. ``mixed_precision="bf16"``, ``cpu=True``).
+    (e.g. ``mixed_precision="bf16"``, ``cpu=True``, ``kwargs_handlers=[...]``).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    handlers = list(accelerator_kwargs.pop("kwargs_handlers", None) or [])
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     acc = Accelerator(kwargs_handlers=handlers, **accelerator_kwargs)
     if loader is None:
         model, optimizer = acc.prepare(model, optimizer)

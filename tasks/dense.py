@@ -46,6 +46,8 @@ def _train_command(task: str) -> None:
     @click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
     def cmd(data: Path, overrides: tuple[str, ...], out: Path, config_file: Path | None, val: Path | None,
             model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], device: str | None, overwrite: bool) -> None:
+        from difffeat.distributed import dist_info
+
         from .dense_config import load_train_config
         from .dense_train import train_dense
 
@@ -62,7 +64,8 @@ def _train_command(task: str) -> None:
             extra.append(f"data.val={val}")
         cfg = load_train_config(task, config_file, extra)
         result = train_dense(task, data, out, cfg, overwrite=overwrite, echo=click.echo)
-        click.echo(f"checkpoint: {result['checkpoint']}")
+        if dist_info().is_main:  # under torchrun every rank gets here
+            click.echo(f"checkpoint: {result['checkpoint']}")
 
 
 for _task in ("seg", "depth", "edges"):
@@ -166,17 +169,25 @@ def _maker(head_path: Path, device: str | None, dtype: str | None, max_batch: in
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--head", "head_path", type=click.Path(path_type=Path), default=None, help="Segmentation head checkpoint folder.")
 @click.option("--zero-shot", "zero_shot", type=int, default=None, metavar="K", help="Unsupervised: K-means with K segments (no head).")
+@click.option("--diffseg", is_flag=True, help="Unsupervised: DiffSeg self-attention merging (preset 'diffseg'; no head, no K).")
+@click.option("--kl-threshold", type=float, default=None, help="DiffSeg merging threshold tau (default: the preset's 1.1).")
+@click.option("--anchors", type=click.IntRange(min=2), default=None, help="DiffSeg anchor grid side (default 16).")
+@click.option("--refine", is_flag=True, default=None, help="DiffSeg: the release's optional K-means refinement.")
 @model_options
 @_pred_options
-def segment_cmd(images: Path, head_path: Path | None, zero_shot: int | None, out_dir: Path, batch_size: int,
+def segment_cmd(images: Path, head_path: Path | None, zero_shot: int | None, diffseg: bool, kl_threshold: float | None,
+                anchors: int | None, refine: bool | None, out_dir: Path, batch_size: int,
                 sliding_window: bool, overlap: float, overwrite: bool, **opts: Any) -> None:
     """Segment every image under IMAGES: indexed PNG masks + colour overlays (original resolution)."""
     from .dense_predict import final_prediction, seg_palette, write_seg
 
-    if (head_path is None) == (zero_shot is None):
-        raise BadInputError("give exactly one of --head CKPT or --zero-shot K")
+    if sum((head_path is not None, zero_shot is not None, diffseg)) != 1:
+        raise BadInputError("give exactly one of --head CKPT, --zero-shot K or --diffseg")
     if zero_shot is not None:
         _zero_shot(images, zero_shot, out_dir, batch_size, overwrite, opts)
+        return
+    if diffseg:
+        _diffseg(images, out_dir, batch_size, overwrite, opts, kl_threshold, anchors, refine)
         return
     given = [k for k in ("ensemble", "prompt", "noise", "resolution", "resize") if opts.get(k) is not None]
     if given:
@@ -215,6 +226,48 @@ def _zero_shot(images: Path, k: int, out_dir: Path, batch_size: int, overwrite: 
 
     run = run_folder(images, out_dir, ".png", process, batch_size=batch_size, overwrite=overwrite, desc="images")
     click.echo(f"wrote {run.done} K-means segmentation(s) (K={k}) to {out_dir}")
+
+
+def _diffseg(images: Path, out_dir: Path, batch_size: int, overwrite: bool, opts: dict[str, Any],
+             kl_threshold: float | None, anchors: int | None, refine: bool | None) -> None:
+    from difffeat.heads.diffseg import diffseg_segment, self_attention_layers
+    from difffeat.pipeline import group_by_size, run_folder
+    from difffeat.registry import get_preset
+
+    from .dense_data import default_palette
+    from .dense_predict import write_seg
+
+    preset = get_preset("diffseg")
+    cfg = dict(preset.raw.get("diffseg") or {})
+    if opts.get("model") is None:  # the paper's protocol, with any option given on top
+        opts = dict(opts, model="diffseg")
+    elif not opts.get("layers"):
+        from difffeat.backbone import load_backbone
+
+        bb = load_backbone(opts["model"], dtype=opts.get("dtype"), device=opts.get("device"))
+        opts = dict(opts, layers=tuple(f"attn.self.{n}" for n in self_attention_layers(bb.denoiser)))
+        opts.setdefault("timesteps", ())
+        if not opts["timesteps"]:
+            opts["timesteps"] = tuple(preset.extract["timesteps"])
+    if any(not name.startswith("attn.self.") for name in opts.get("layers") or ()):
+        raise BadInputError("--diffseg reads self-attention maps: give layers as attn.self.LAYER (or none for all)")
+    ex = extractor_from_options(**opts)
+    tau = kl_threshold if kl_threshold is not None else float(cfg.get("kl_threshold", 1.1))
+    side = anchors or int(cfg.get("anchors", 16))
+    palette = default_palette(256)
+
+    def process(items: list[Any]) -> None:
+        for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
+            maps = ex(x)
+            for i, it in enumerate(its):
+                one = {k: v[i : i + 1] for k, v in maps.items()}
+                seg = diffseg_segment(one, out_size=(it.image.size[1], it.image.size[0]), tau=tau,
+                                      iterations=int(cfg.get("iterations", 3)), points=side,
+                                      refine_kmeans=bool(cfg.get("refine", False) if refine is None else refine))[0]
+                write_seg(it.out, seg.cpu().numpy(), it.image, palette)
+
+    run = run_folder(images, out_dir, ".png", process, batch_size=batch_size, overwrite=overwrite, desc="images")
+    click.echo(f"wrote {run.done} DiffSeg segmentation(s) (tau={tau}, {side}x{side} anchors) to {out_dir}")
 
 
 @cli.command("depth")

@@ -16,6 +16,20 @@ epoch ``e`` depend only on ``(seed, e)``). After every epoch the head is saved t
 JSON, no pickle; it also holds the head weights of that epoch, so head and optimizer always
 match), a line to ``OUT/metrics.jsonl``; a rerun resumes after the last finished epoch
 (raise ``train.epochs`` to continue a finished run).
+
+Data parallel: under ``torchrun --nproc_per_node N --no-python difffeat train ...`` (one
+process per GPU; gloo on CPU) the same function trains with DDP (:mod:`difffeat.distributed`).
+Each rank extracts its share of the missing cache files (whole extraction batches, so the
+files are those of a one-process run), then all ranks meet before training. Every step uses
+the same global batch as one process (``train.batch_size`` is the *global* batch, split over
+the ranks); each rank's loss is weighted by its share of the loss's normaliser (valid pixels
+for segmentation and SILog, images otherwise) and DDP averages the gradients, so the update
+equals the one-process update up to float rounding, with the same LR schedule and number of
+steps. Exceptions: dropout masks, SILog's batch statistics and BatchNorm (the probe) are
+per rank (BatchNorm becomes SyncBatchNorm on CUDA). In online mode every rank decodes and
+augments the whole global batch (so the random stream stays that of one process) but runs
+the backbone on its part only. Only rank 0 validates and writes the checkpoint, train
+state, metrics and messages.
 """
 from __future__ import annotations
 
@@ -25,14 +39,16 @@ import math
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, rank_device, rank_share, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
@@ -44,6 +60,8 @@ from .dense_predict import (autocast, extractor_device, final_prediction, format
 
 STATE_WEIGHTS, STATE_JSON = "train_state.safetensors", "train_state.json"
 HEAD_KINDS = {"seg": ("fpn", "probe"), "depth": ("depth", "probe"), "edges": ("hed", "probe")}
+# collectives wait this long: ranks meet after unequal cache shares and while rank 0 validates
+DDP_TIMEOUT = timedelta(hours=2)
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.val_every", "train.device", "train.cache_dir", "data.val")
 
 
@@ -105,6 +123,24 @@ def task_loss(task: str, cfg: Mapping[str, Any], out: Any, target: torch.Tensor,
     return hed_loss(pred.float(), [s.float() for s in sides], t) if sides else class_balanced_bce(pred.float(), t)
 
 
+def loss_weight(task: str, cfg: Mapping[str, Any], target: torch.Tensor, ignore_index: int) -> float:
+    """What :func:`task_loss` averages over in ``target``: its share of a global batch's loss.
+
+    Valid pixels for cross-entropy and SILog, images with >= 2 valid pixels for SSI, images
+    for the edge losses. A rank weighting its part's loss by this (over the global sum) makes
+    the DDP-averaged gradient that of the whole batch (exact except SILog, whose variance
+    term is a batch statistic).
+    """
+    if task == "seg":
+        return float((target != ignore_index).sum())
+    if task == "depth":
+        valid = target > 0
+        if cfg.get("loss", {}).get("kind", "silog") == "ssi":
+            return float((valid.flatten(1).sum(1) >= 2).sum())
+        return float(valid.sum())
+    return float(target.shape[0])
+
+
 def resize_target(target: torch.Tensor, size: tuple[int, int], task: str) -> torch.Tensor:
     """Labels to ``size``: nearest for class ids and depth (keeps invalid pixels), bilinear for soft edges."""
     if tuple(target.shape[-2:]) == tuple(size):
@@ -132,14 +168,30 @@ class FeatureCache:
         key = hashlib.sha1(f"{Path(image).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
         return self.dir / f"{Path(image).stem[:40]}-{key}{'.flip' if flip else ''}.safetensors"
 
-    def build(self, ds: DenseFolder, flips: tuple[bool, ...], batch_size: int) -> None:
-        """Extract whatever is missing (resumable; each file written atomically)."""
-        todo = [(s.image, f) for s in ds.samples for f in flips if not self.path(s.image, f).exists()]
+    @staticmethod
+    def items(ds: DenseFolder, flips: tuple[bool, ...]) -> list[tuple[Path, bool]]:
+        """``(image, mirrored)`` of every feature file ``ds`` needs, in dataset order."""
+        return [(s.image, f) for s in ds.samples for f in flips]
+
+    def build(self, items: Sequence[tuple[Path, bool]], batch_size: int, info: DistInfo | None = None) -> list[Path]:
+        """Extract whatever is missing of ``items`` (resumable; each file written atomically).
+
+        Under several processes each rank takes its share of the whole item list in units of
+        ``batch_size`` (:func:`rank_share`): the split does not depend on what is cached
+        already, so no two ranks extract the same image, and a fresh cache holds the files
+        of a one-process run. Items naming the same file count once. Returns the files
+        written by this process.
+        """
+        unique: dict[Path, tuple[Path, bool]] = {}
+        for p, f in items:
+            unique.setdefault(self.path(p, f), (p, f))  # insertion order: first occurrence
+        todo = [(p, f) for p, f in rank_share(list(unique.values()), batch_size, info) if not self.path(p, f).exists()]
         if not todo:
-            return
+            return []
         self.dir.mkdir(parents=True, exist_ok=True)
         save_json(self.dir / "settings.json", self.meta)
-        bar = tqdm(total=len(todo), desc="caching features", unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+        bar = progress_bar(len(todo), "caching features", info)
+        written = []
         for k in range(0, len(todo), batch_size):
             chunk = todo[k : k + batch_size]
             images = [load_image(p) for p, _ in chunk]
@@ -148,8 +200,10 @@ class FeatureCache:
             for j, (p, f) in enumerate(chunk):
                 tensors = {k2: v[j].to(torch.float16) for k2, v in feats.items()}
                 save_features(self.path(p, f), tensors, {"image": str(p), "flip": f})
+                written.append(self.path(p, f))
             bar.update(len(chunk))
         bar.close()
+        return written
 
     def load(self, image: Path, flip: bool) -> dict[str, torch.Tensor]:
         tensors, _ = load_features(self.path(image, flip))
@@ -225,18 +279,24 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
     """Train (or resume) a head; returns ``{"epochs": [...per-epoch records...], "checkpoint": path}``.
 
     ``ex``: an already built extractor matching ``cfg["backbone"]`` (else one is created).
+    Under a launcher with ``WORLD_SIZE`` > 1 every rank calls this and trains with DDP
+    (module docstring); only rank 0 echoes and writes ``out``, and all ranks return once the
+    last checkpoint is written.
     """
     out = Path(out)
+    dist = dist_info()
+    if not dist.is_main:
+        echo = lambda message: None  # noqa: E731  (rank 0 speaks for all)
     tcfg, dcfg = cfg["train"], cfg["data"]
     if tcfg["mode"] not in ("cached", "online"):
         raise BadInputError(f"unknown train.mode {tcfg['mode']!r}; valid: cached, online")
     if cfg["head"]["kind"] not in HEAD_KINDS[task]:
         raise BadInputError(f"head.kind {cfg['head']['kind']!r} cannot be trained for {task}; valid: {', '.join(HEAD_KINDS[task])}")
-    if overwrite:
+    if overwrite and dist.is_main:
         for name in ("head", STATE_WEIGHTS, STATE_JSON, "metrics.jsonl", "config.yaml"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    resume = (out / STATE_JSON).exists()
+    resume = not overwrite and (out / STATE_JSON).exists()  # the same answer on every rank
     if resume:
         old = yaml.safe_load((out / "config.yaml").read_text())
         diff = config_diff(old, cfg, ignore=RESUMABLE_CHANGES)
@@ -258,7 +318,7 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
     if dcfg.get("val"):
         val_ds = DenseFolder(dcfg["val"], task, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
 
-    ex = ex if ex is not None else make_extractor(cfg["backbone"], tcfg.get("device"), tcfg.get("dtype"))
+    ex = ex if ex is not None else make_extractor(cfg["backbone"], rank_device(tcfg.get("device"), dist), tcfg.get("dtype"))
     device = extractor_device(ex)
     res = int(cfg["backbone"]["resolution"])
     multiple = size_multiple(ex)
@@ -279,9 +339,8 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
     cache = None
     if tcfg["mode"] == "cached":
         cache = FeatureCache(Path(tcfg.get("cache_dir") or out / "cache"), ex, res)
-        cache.build(train_ds, flips, batch_size=int(tcfg["batch_size"]))
-        if val_ds is not None:
-            cache.build(val_ds, (False,), batch_size=int(tcfg["batch_size"]))
+        items = cache.items(train_ds, flips) + (cache.items(val_ds, (False,)) if val_ds is not None else [])
+        cache.build(items, batch_size=int(tcfg["batch_size"]), info=dist)  # this rank's share; all meet below
     else:
         crop = int(tcfg["crop_size"])
         if crop % multiple:
@@ -296,9 +355,14 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
         start_epoch, step = int(info["epoch"]), int(info["step"])
         history = info.get("history", [])
         echo(f"resuming {out} after epoch {start_epoch}")
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    acc, net, step_opt = None, head, opt  # net/step_opt: what the steps use; head/opt: the plain objects
+    if dist.world_size > 1:
+        acc, net, step_opt = _prepare(head, opt, device, echo)
+        acc.wait_for_everyone()  # every rank's cache share is written
 
     save_kw = dict(backbone=backbone_record(cfg["backbone"], ex), task=task, image_size=res,
                    classes=train_ds.classes or ([str(i) for i in range(num_classes)] if num_classes else None),
@@ -310,49 +374,62 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
         order = torch.randperm(len(train_ds), generator=g).tolist()
         t0, seen, losses, window = time.time(), 0, [], []
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="step",
-                   disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+                   disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or not dist.is_main)
         for b in range(steps_per_epoch):
-            idx = order[b * bs : (b + 1) * bs]
+            idx = batch = order[b * bs : (b + 1) * bs]  # the global batch, the same on every rank
+            # this rank's positions in it; a rank left without any (a last batch smaller than the
+            # world) recomputes sample 0 with weight 0, since every rank must join each all-reduce
+            mine = shard_items(range(len(idx)), dist.rank, dist.world_size) or [0]
+            idle = dist.world_size > 1 and len(idx) <= dist.rank
             if cache is not None:
-                flipped = [flips[-1] and float(torch.rand(1, generator=g)) < 0.5 for _ in idx]
+                flipped = [flips[-1] and float(torch.rand(1, generator=g)) < 0.5 for _ in idx]  # g in step on all ranks
+                idx, flipped = [idx[j] for j in mine], [flipped[j] for j in mine]
                 loaded = [cache.load(train_ds.samples[i].image, f) for i, f in zip(idx, flipped)]
                 feats = {k: torch.stack([f[k] for f in loaded]).to(device) for k in loaded[0]}
                 targets = [train_ds.labels(i)["target"] for i in idx]
                 targets = [resize_target(t.flip(-1) if f else t, (res, res), task) for t, f in zip(targets, flipped)]
                 target = torch.stack(targets).to(device)
             else:
-                items = [train_ds[i] for i in idx]
+                # every rank augments the whole global batch (g stays in step), the backbone runs on its part
+                data_items = [train_ds[i] for i in idx]
                 pairs = [augment(it["image"], it["target"], task, crop, tuple(tcfg["scale_range"]), bool(tcfg["flip"]), g, ignore)
-                         for it in items]
+                         for it in data_items]
+                pairs = [pairs[j] for j in mine]
                 feats = ex(torch.stack([p[0] for p in pairs]))
                 target = torch.stack([p[1] for p in pairs]).to(device)
             lr = float(tcfg["lr"]) * lr_factor(step, total, tcfg)
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast(device, bool(tcfg.get("amp", True))):
-                out_maps = head_outputs(head, feats, target.shape[-2:], task, cfg, with_sides=True)
+                out_maps = head_outputs(net, feats, target.shape[-2:], task, cfg, with_sides=True)
                 loss = task_loss(task, cfg, out_maps, target, ignore)
-            if not torch.isfinite(loss):
-                raise DiffFeatError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1} step {b + 1}; lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            value = loss.item()
+            if acc is not None:  # weight this part by its share of the global batch (see loss_weight)
+                loss, value = _global_loss(loss, 0.0 if idle else loss_weight(task, cfg, target, ignore), out_maps, dist)
+            if not math.isfinite(value):
+                raise DiffFeatError(f"training diverged (loss {value}) at epoch {epoch + 1} step {b + 1}; lower train.lr")
+            step_opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: averages the gradients over the ranks
             if float(tcfg.get("grad_clip") or 0) > 0:
                 torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
-            opt.step()
+            step_opt.step()
             step += 1
-            seen += len(idx)
-            losses.append(loss.item())
-            window.append(loss.item())
+            seen += len(batch)
+            losses.append(value)
+            window.append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if step % int(tcfg.get("log_every", 10)) == 0:
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+            if step % int(tcfg.get("log_every", 10)) == 0 and dist.is_main:
                 _log(out, {"epoch": epoch + 1, "step": step, "loss": sum(window) / len(window), "lr": lr})
                 window = []
         bar.close()
         record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses),
                                   "images_per_s": seen / max(time.time() - t0, 1e-9)}
+        if not dist.is_main:  # the other ranks go on to the next epoch and wait in its first all-reduce
+            history.append(record)
+            continue
         if val_ds is not None and (epoch + 1) % int(tcfg.get("val_every", 1)) == 0:
-            val = validate(task, head, ex, val_ds, cfg, cache, device)
+            val = validate(task, head, ex, val_ds, cfg, cache, device)  # the plain head: no collectives
             record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
             echo(f"epoch {epoch + 1}: val {format_metrics(task, val)}")
         history.append(record)
@@ -360,7 +437,43 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
         echo(f"epoch {epoch + 1}/{tcfg['epochs']}: loss {record['train_loss']:.4f} ({record['images_per_s']:.1f} img/s)")
         save_train_state(out, opt, {"epoch": epoch + 1, "step": step, "history": history}, head)
         save_head(head, out / "head", extra={"train_config": cfg, "history": history}, **save_kw)  # type: ignore[arg-type]
+    if acc is not None:
+        acc.wait_for_everyone()  # the checkpoint exists when any rank returns
+        acc.end_training()
     return {"epochs": history, "checkpoint": out / "head"}
+
+
+def _prepare(head: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+             echo: Callable[[str], Any]) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:
+    """DDP wrappers of ``head``/``opt`` (which keep their parameters, so the plain objects are
+    what is saved: the checkpoint format of a one-process run). Mixed precision stays ours."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in head.modules()):
+        if device.type == "cuda":
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(head)  # in place below the root; same parameters
+        else:
+            echo("note: BatchNorm statistics are per rank on CPU (SyncBatchNorm needs CUDA)")
+    acc, net, step_opt, _ = prepare_ddp(head, opt, cpu=device.type != "cuda", mixed_precision="no",
+                                        kwargs_handlers=[InitProcessGroupKwargs(timeout=DDP_TIMEOUT)])
+    want = device if device.type != "cuda" or device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if acc.device.type != want.type or (want.type == "cuda" and acc.device.index != want.index):
+        raise BadInputError(f"this rank's extractor is on {device} but accelerate chose {acc.device}; "
+                            "start one process per GPU and leave train.device unset or 'cuda'")
+    return acc, net, step_opt
+
+
+def _global_loss(loss: torch.Tensor, weight: float, out_maps: Any, dist: DistInfo) -> tuple[torch.Tensor, float]:
+    """This rank's loss rescaled so that DDP's gradient mean is the global batch's gradient, and
+    the global loss value (the one-process loss): ``sum_r w_r L_r / sum_r w_r``."""
+    part = loss.detach().double() * weight if weight else torch.zeros((), dtype=torch.float64, device=loss.device)
+    stats = torch.stack([torch.tensor(weight, dtype=torch.float64, device=loss.device), part])
+    torch.distributed.all_reduce(stats)
+    total, value = float(stats[0]), float(stats[1] / stats[0])
+    if not weight:  # nothing to learn here, but DDP needs every parameter's gradient: zeros
+        pred, sides = out_maps
+        return sum((s.float().sum() for s in sides), pred.float().sum()) * 0.0, value
+    return loss * (weight * dist.world_size / total), value
 
 
 @torch.no_grad()
