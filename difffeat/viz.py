@@ -1,4 +1,4 @@
-"""Visualisation helpers: PCA->RGB of a feature map, colour palettes, colour maps."""
+"""Visualisation helpers: PCA->RGB of a feature map, colour palettes, colour maps, captioned image grids."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,3 +40,38 @@ def colormap(x: np.ndarray, lo: float | None = None, hi: float | None = None) ->
     b = 0.10667330 + t * (12.64194608 + t * (-60.58204836 + t * (110.36276771 + t * (-89.90310912 + t * 27.34824973))))
     rgb = np.stack([r, g, b], -1)
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def tile(images: "list[Image.Image]", ncols: int, captions: "list[str] | None" = None, scale: int = 1,
+         pad: int = 4, caption_h: int = 12, colours: "list[tuple[int, int, int]] | None" = None,
+         title: str | None = None) -> Image.Image:
+    """Images on a white grid, ``ncols`` per row, each scaled by ``scale`` (nearest) with an optional caption.
+
+    Cells take the size of the largest image; ``colours`` (one per image) tint the captions
+    (e.g. green = right, red = wrong); ``title`` adds a line on top.
+    """
+    from PIL import ImageDraw
+
+    if not images:
+        raise ValueError("tile needs at least one image")
+    ims = [im.convert("RGB").resize((im.width * scale, im.height * scale), Image.NEAREST) if scale != 1
+           else im.convert("RGB") for im in images]
+    cw, ch = max(im.width for im in ims), max(im.height for im in ims)
+    cap = caption_h if captions else 0
+    top = caption_h + pad if title else 0
+    ncols = max(1, min(ncols, len(ims)))
+    nrows = -(-len(ims) // ncols)
+    width = pad + ncols * (cw + pad)
+    if title:  # widen the canvas so the title fits
+        width = max(width, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 2 * pad)
+    canvas = Image.new("RGB", (width, top + pad + nrows * (ch + cap + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad // 2), title, fill=(0, 0, 0))
+    for i, im in enumerate(ims):
+        x, y = pad + (i % ncols) * (cw + pad), top + pad + (i // ncols) * (ch + cap + pad)
+        canvas.paste(im, (x, y))
+        if captions and i < len(captions) and captions[i]:
+            ink = colours[i] if colours and i < len(colours) else (0, 0, 0)
+            draw.text((x, y + ch + 1), captions[i], fill=ink)
+    return canvas
