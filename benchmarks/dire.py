@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from difffeat.backbone import DiffusionBackbone, parse_dtype
+from difffeat.backbone import DiffusionBackbone, compile_denoiser, parse_dtype
 from difffeat.heads.ddim import forward_flops
 from difffeat.heads.dire import DireSettings, compute_dire
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = "fp32" if args.tiny and dev.type == "cpu" else args.dtype
     bb = build(args.tiny, dtype, args.device)
     if args.compile:
-        bb.denoiser.compile(dynamic=False, mode=args.compile_mode)
+        compile_denoiser(bb, args.compile_mode)
     steps = 2 if args.tiny else args.steps
     settings = DireSettings(steps=steps, resolution=32 if args.tiny else 256, clip_x0=True, max_batch=1 << 30)
     params = sum(p.numel() for p in bb.denoiser.parameters())

@@ -116,8 +116,9 @@ def compile_blocks(bb: difffeat.backbone.DiffusionBackbone) -> None:
     difffeat.create(bb.source, backbone=bb, layers=["final" if bb.family == "dit" else "out"], compile=True)
 
 
-def run(family: str, tiny: bool, batches: list[int], iters: int, dtype: str, device: str, compile: bool,
-        resolution: int | None, timestep: int, layer: str | None, extract: bool) -> list[dict[str, Any]]:
+def run(family: str, tiny: bool, batches: list[int], iters: int, dtype: str, device: str, compile: bool | str,
+        resolution: int | None, timestep: int, layer: str | None, extract: bool,
+        compile_mode: str | None = None) -> list[dict[str, Any]]:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -125,11 +126,13 @@ def run(family: str, tiny: bool, batches: list[int], iters: int, dtype: str, dev
     res = resolution or ((64 if tiny else 256) if family == "dit" else (64 if tiny else 1024))
     path = dit_skeleton(tmp / "dit", res, tiny) if family == "dit" else sdxl_skeleton(tmp, tiny)
     bb = difffeat.load_backbone(str(path), dtype=dtype, device=device, random_weights=True)  # fuses QKV, channels-last on GPU
-    if compile:
+    if compile == "whole":
+        difffeat.backbone.compile_denoiser(bb, compile_mode)
+    elif compile:
         compile_blocks(bb)
     layer = layer or ("block.14" if family == "dit" and not tiny else "block.1" if family == "dit" else "up.0")
     base = {"bench": "denoiser_forward", "family": family, "model": "tiny" if tiny else str(path), "resolution": res,
-            "dtype": dtype, "compile": compile, "t": timestep,
+            "dtype": dtype, "compile": compile, "compile_mode": compile_mode, "t": timestep,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     rows = []
     for b in batches:
@@ -156,11 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer", default=None, help="layer for the extraction row (default up.0 / block.14)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="compile the blocks (as feature extraction does)")
+    ap.add_argument("--compile-whole", action="store_true",
+                    help="compile the whole denoiser (denoiser-forward rows; implies --no-extract)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for --compile-whole (e.g. max-autotune)")
     ap.add_argument("--no-extract", action="store_true", help="only time the denoiser forward")
     args, _ = ap.parse_known_args(argv)  # tolerate benchmarks/extract.py's own options when dispatched from it
+    compile = "whole" if args.compile_whole else args.compile
     run(args.family, args.tiny, [int(v) for v in args.batches.split(",")], args.iters, args.dtype, args.device,
-        args.compile, args.resolution, args.timestep, args.layer, not args.no_extract)
+        compile, args.resolution, args.timestep, args.layer, not (args.no_extract or args.compile_whole),
+        args.compile_mode)
 
 
 if __name__ == "__main__":

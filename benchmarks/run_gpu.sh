@@ -2,6 +2,8 @@
 #   bash benchmarks/run_gpu.sh train   # train difffeat-tiny (~6 min) + DIFT extraction, batch 1 and 8
 #   bash benchmarks/run_gpu.sh tasks   # compiled extraction, correspondence, classifier, dense, DiT, SDXL, DIRE
 #   bash benchmarks/run_gpu.sh scale   # (2 GPUs) data-parallel scaling and byte identity
+#   bash benchmarks/run_gpu.sh whole   # whole-denoiser compile: classifier loop, DiT-XL/2 forward, DIRE
+#   bash benchmarks/run_gpu.sh blocks  # block compile: DIFT extraction, correspondence pairs/s
 source benchmarks/device_setup.sh
 S=.skel
 J=${OUT:-/tmp}/bench.jsonl
@@ -21,6 +23,13 @@ tasks)
   run 80 python3 benchmarks/extract.py --family dit --batches 16,64 --iters 6
   run 60 python3 benchmarks/extract.py --family sdxl --batches 16 --iters 4
   run 80 python3 benchmarks/dire.py --batches 32 --iters 2 ;;
+whole)
+  run 200 python3 benchmarks/classify.py --skeleton $S/sd21-base --images 2 --compile
+  run 150 python3 benchmarks/extract.py --family dit --batches 16,64 --iters 10 --compile-whole
+  run 200 python3 benchmarks/dire.py --batches 32 --iters 2 --compile ;;
+blocks)
+  run 260 python3 benchmarks/extract.py --skeleton $S/sd21 --batches 8 --iters 8 --compile
+  run 200 python3 benchmarks/correspond.py --skeleton $S/sd21 --compile ;;
 scale)
   run 560 python3 benchmarks/scaling.py --skeleton $S/sd21 --images 128 ;;
 esac

@@ -482,6 +482,37 @@ class DiffusionBackbone(nn.Module):
         return self.conditioning(batch=batch, image_size=image_size)
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Let dynamo keep one compiled graph per block shape.
+
+    Every ``ResnetBlock2D`` (or transformer block) of a denoiser shares one ``forward`` code
+    object, and dynamo's default limit is 8 graphs per code object: the SD-2.1 UNet's
+    resnets see 23 (channels, size) signatures, so without this the rest silently run eager.
+    """
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(int(getattr(cfg, key)), limit))
+    for key in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(int(getattr(cfg, key)), 8 * limit))
+
+
+def compile_denoiser(bb: "DiffusionBackbone", mode: str | None = None) -> None:
+    """``torch.compile`` the whole denoiser in place, for callers that need only its output
+    (Diffusion Classifier, DDIM/DIRE). Hooked feature extraction compiles blocks instead
+    (:meth:`difffeat.extractor.FeatureExtractor.compile_denoiser`).
+
+    ``mode``: torch.compile's mode (``None`` = default; ``"max-autotune"`` adds CUDA graphs
+    and GEMM autotuning). Give the denoiser one batch shape: each new shape recompiles.
+    """
+    allow_recompiles()
+    try:
+        bb.denoiser.compile(mode=mode, dynamic=False)
+    except Exception as e:  # pragma: no cover - depends on the toolchain
+        raise DiffFeatError(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
 def _batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     """Broadcast a batch-of-one tensor to ``batch`` rows (a view, no copy)."""
     return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 and batch > 1 else x
@@ -544,4 +575,5 @@ def load_backbone(
     return bb
 
 
-__all__ = ["DiffusionBackbone", "Conditioning", "load_backbone", "parse_dtype", "parse_device"]
+__all__ = ["DiffusionBackbone", "Conditioning", "allow_recompiles", "compile_denoiser", "load_backbone", "parse_dtype",
+           "parse_device"]

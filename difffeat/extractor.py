@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .attention import AttentionCapture, parse_attention_name
-from .backbone import Conditioning, DiffusionBackbone
+from .backbone import Conditioning, DiffusionBackbone, allow_recompiles
 from .errors import BadInputError, OutOfMemoryError, one_of
 from .io import prepare_image, image_key
 from .layers import block_level, image_stream, layer_modules
@@ -327,6 +327,7 @@ class FeatureExtractor(nn.Module):
         The UNet's own forward is left eager (FX/dynamo tracing of the whole UNet with
         hooks and early exit is fragile); the compiled sub-modules hold almost all FLOPs.
         """
+        allow_recompiles()  # one graph per block shape (the default 8 leaves most resnets eager)
         hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
         captured = self._attention.contains() if self._attention else set()
         for m in self.backbone.denoiser.modules():

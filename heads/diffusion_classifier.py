@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from difffeat.backbone import DiffusionBackbone
+from difffeat.backbone import DiffusionBackbone, compile_denoiser
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.io import image_key
 from difffeat.noise import key_seed
@@ -483,14 +483,6 @@ class DiffusionClassifier:
         dbar = (d * w).sum() / w.sum()
         se = float(((w.square() * (d - dbar).square()).sum()).sqrt() / w.sum())
         return se if se > 0 else max(abs(best), 1e-12) * 1e-6
-
-
-def compile_denoiser(bb: DiffusionBackbone, mode: str | None = None) -> None:
-    """``torch.compile`` the whole denoiser in place (no hooks are needed to classify)."""
-    try:
-        bb.denoiser.compile(mode=mode, dynamic=False)
-    except Exception as e:  # pragma: no cover - depends on the toolchain
-        raise DiffFeatError(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 __all__ = [

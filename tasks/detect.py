@@ -29,6 +29,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from difffeat.backbone import compile_denoiser
 from difffeat.cli import cli, eval_group, train
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
@@ -88,6 +89,16 @@ class Detector:
             raise one_of("score", score, list(SCORES))
         if bb is not None:
             check_resolution(bb, self.size)
+
+    def compile(self) -> "Detector":
+        """``torch.compile`` the diffusion model: the whole denoiser for DIRE (exact up to
+        kernel rounding; one graph per batch shape), the blocks for pooled features.
+        AEROBLADE's autoencoders stay eager."""
+        if self.settings is not None:
+            compile_denoiser(self.bb)
+        elif self.extractor is not None:
+            self.extractor.compile_denoiser()
+        return self
 
     @property
     def makes_maps(self) -> bool:
@@ -329,6 +340,8 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-b", "--batch-size", type=int, default=8, show_default=True),
         click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None),
         click.option("--device", default=None),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch.compile the denoiser (DIRE: ~2.4x on an H200; the first batch compiles)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -345,7 +358,14 @@ def _echo(m: str) -> None:
 
 def _detector(head: Path | None, training_free: bool, preset: str | None, model: str | None, steps: int | None,
               resolution: int | None, score: str | None, autoencoders: tuple[str, ...], dtype: str | None,
-              device: str | None) -> Detector:
+              device: str | None, compile_: bool = False) -> Detector:
+    det = _make_detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device)
+    return det.compile() if compile_ else det
+
+
+def _make_detector(head: Path | None, training_free: bool, preset: str | None, model: str | None, steps: int | None,
+                   resolution: int | None, score: str | None, autoencoders: tuple[str, ...], dtype: str | None,
+                   device: str | None) -> Detector:
     if head is not None and training_free:
         raise BadInputError("give either --head CKPT or --training-free, not both")
     if head is not None:
@@ -368,8 +388,8 @@ def _detector(head: Path | None, training_free: bool, preset: str | None, model:
 @click.option("--overwrite", is_flag=True, help="Recompute images already scored.")
 def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str | None, model: str | None,
                steps: int | None, resolution: int | None, score: str | None, autoencoders: tuple[str, ...],
-               batch_size: int, dtype: str | None, device: str | None, out: Path, dire_dir: Path | None,
-               overwrite: bool) -> None:
+               batch_size: int, dtype: str | None, device: str | None, compile_: bool, out: Path,
+               dire_dir: Path | None, overwrite: bool) -> None:
     """Score every image under IMAGES: P(generated) per image into a CSV (resumable).
 
     Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
@@ -381,7 +401,7 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
     # assembles the CSV from the parts present, so the last one to finish writes it whole
     det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
-                    rank_device(device))
+                    rank_device(device), compile_)
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
@@ -457,8 +477,8 @@ def write_scores_csv(out: Path, part_files: Sequence[Path], root: Path) -> int:
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_dire_cmd(real_dir: Path, fake_dir: Path, head_kind: str, preset: str | None, model: str | None,
                    steps: int | None, resolution: int | None, score: str | None, autoencoders: tuple[str, ...],
-                   batch_size: int, dtype: str | None,
-                   device: str | None, out: Path, maps_dir: Path | None, arch: str | None, pretrained: bool | None,
+                   batch_size: int, dtype: str | None, device: str | None, compile_: bool,
+                   out: Path, maps_dir: Path | None, arch: str | None, pretrained: bool | None,
                    epochs: int | None, lr: float | None, crop: int | None, seed: int) -> None:
     """Train a detector on REAL_DIR vs FAKE_DIR (or calibrate a training-free score on them).
 
@@ -475,6 +495,8 @@ def train_dire_cmd(real_dir: Path, fake_dir: Path, head_kind: str, preset: str |
     if head_kind == "training-free":
         det = detector_from_preset(preset, model, dire=dire_over, score=score, autoencoders=autoencoders,
                                    dtype=dtype, device=device, echo=_echo)
+        if compile_:
+            det.compile()
         _, r = score_paths(det, list_images(real_dir), batch_size, run, desc="real")
         _, f = score_paths(det, list_images(fake_dir), batch_size, run, desc="fake")
         if "score" not in r:
@@ -483,10 +505,13 @@ def train_dire_cmd(real_dir: Path, fake_dir: Path, head_kind: str, preset: str |
         _echo(f"threshold {cal.threshold:.6g} (scale {cal.scale:.3g}, {cal.method}) from {cal.n_real} real / {cal.n_fake} fake")
         save_detector(out, {**det.config, "kind": "training-free", "calibration": cal.__dict__})
     elif head_kind == "pooled":
-        cfg, head = _train_pooled(p, model, dire_over, real_dir, fake_dir, batch_size, epochs, lr, seed, dtype, device, run)
+        cfg, head = _train_pooled(p, model, dire_over, real_dir, fake_dir, batch_size, epochs, lr, seed, dtype, device, run,
+                                  compile_)
         save_detector(out, cfg, head)
     else:
         det = detector_from_preset(preset, model, dire=dire_over, score="dire", dtype=dtype, device=device, echo=_echo)
+        if compile_:
+            det.compile()
         maps_root = maps_dir or out / "maps"
         paths, labels = [], []
         for label, name, src in ((0, "real", real_dir), (1, "fake", fake_dir)):
@@ -507,7 +532,7 @@ def train_dire_cmd(real_dir: Path, fake_dir: Path, head_kind: str, preset: str |
 
 def _train_pooled(p: Mapping[str, Any], model: str | None, dire_over: Mapping[str, Any], real_dir: Path, fake_dir: Path,
                   batch_size: int, epochs: int | None, lr: float | None, seed: int, dtype: str | None,
-                  device: str | None, run: FolderRun) -> tuple[dict[str, Any], PooledFeatureHead]:
+                  device: str | None, run: FolderRun, compile_: bool = False) -> tuple[dict[str, Any], PooledFeatureHead]:
     """Extract pooled features of both folders once, then fit the linear head on them."""
     import difffeat
 
@@ -515,7 +540,7 @@ def _train_pooled(p: Mapping[str, Any], model: str | None, dire_over: Mapping[st
     settings = DireSettings.from_dict({**p["detect"].get("dire", {}), **dire_over})
     bb = _load_bb(_model_of(p, model), dtype, device)
     ex = difffeat.create(bb.source, backbone=bb, layers=feat.get("layers"), timesteps=feat.get("timesteps"),
-                         resolution=settings.resolution, resize="resize", seed=seed)
+                         resolution=settings.resolution, resize="resize", seed=seed, compile=compile_)
     head = PooledFeatureHead(ex.feature_info)
     xs = [_pooled_features(ex, head.names, settings, list_images(d), batch_size, run, name)
           for name, d in (("real", real_dir), ("fake", fake_dir))]
@@ -601,10 +626,10 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
 def eval_detect_cmd(real_dir: Path, fake_dir: Path, head: Path | None, training_free: bool, preset: str | None,
                     model: str | None, steps: int | None, resolution: int | None, score: str | None,
                     autoencoders: tuple[str, ...], batch_size: int,
-                    dtype: str | None, device: str | None, normalize_format: bool, jpeg_quality: int, size: int | None,
+                    dtype: str | None, device: str | None, compile_: bool, normalize_format: bool, jpeg_quality: int, size: int | None,
                     out: Path | None) -> None:
     """ACC and AP of a detector on REAL_DIR vs FAKE_DIR, as-is and (--normalize-format) format-normalised."""
-    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device)
+    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device, compile_)
     real, fake = list_images(real_dir), list_images(fake_dir)
     run = FolderRun(echo=_echo)
     results = {"as-is": evaluate(det, real, fake, batch_size, None, run)}
