@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_cli_smoke.sh [cuda|cpu]
 [ -n "$OUT" ] && [ -f benchmarks/device_setup.sh ] && [ "${1:-cuda}" = cuda ] && source benchmarks/device_setup.sh
 DEV=${1:-cuda}
+# --target installs have no console script; run from / so the source tree does not shadow the install
+command -v difffeat >/dev/null || difffeat() { (cd / && python3 -c 'from difffeat.cli import main; main()' "$@"); }
 W=$(mktemp -d)
 python3 - "$W" <<'PY'
 import sys
