@@ -18,6 +18,16 @@ os.environ.setdefault("DIFFFEAT_NO_PROGRESS", "1")
 import tiny_models  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    """One intra-op thread per module, restored after it (a command under test, e.g. the demo, may
+    change it): tiny models are dispatch-bound, and on a busy 2-core box threads spin (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))

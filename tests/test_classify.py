@@ -17,15 +17,6 @@ from difffeat.heads.diffusion_classifier import DiffusionClassifier, Schedule, f
 from difffeat.heads.probe_cls import KNNProbe, LinearProbe, ProbeClassifier, accuracy, pool_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models run faster on one thread (and do not fight a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(*args: str):  # type: ignore[no-untyped-def]
     from difffeat.cli import cli, load_task_commands
 

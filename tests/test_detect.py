@@ -20,15 +20,6 @@ from difffeat.heads.ddim import ddim_invert, ddim_timesteps, invert_and_reconstr
 from difffeat.heads.dire import DireSettings, calibrate, compute_dire, fit_square, load_dire, save_dire
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models are dispatch-bound: one intra-op thread is several times faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pixel(tiny_pixel_dir: Path):  # type: ignore[no-untyped-def]
     """A fresh tiny pixel backbone (tests below swap its denoiser or prediction type)."""
     return difffeat.load_backbone(str(tiny_pixel_dir), dtype="fp32", device="cpu")

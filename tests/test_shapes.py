@@ -15,15 +15,6 @@ from difffeat.data.shapes import (CLASSES, DEPTH_SCALE, MAX_OBJECTS, render, ren
 from difffeat.errors import BadInputError, UnknownNameError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small elementwise ops: one thread is much faster than two on small CI machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair():
     return render_pair(48, seed=5, split="val")

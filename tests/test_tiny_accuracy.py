@@ -54,14 +54,6 @@ EDGE_THRESHOLDS = 9                                                           # 
 EDGE_OVERRIDES = (EPOCHS, "train.lr=1e-2", "head.args={hidden: 32}", f"data.thresholds={EDGE_THRESHOLDS}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- shared data
 def _extractor(bb):  # type: ignore[no-untyped-def]
     return difffeat.create("difffeat-tiny", backbone=bb, layers=DENSE_LAYERS, timesteps=PRESET.timesteps,

@@ -18,14 +18,6 @@ SMALL = dict(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8,
              up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def script():
     spec = importlib.util.spec_from_file_location("train_tiny", SCRIPT)

@@ -16,15 +16,6 @@ from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.noise import draw
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they spin (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.build_tiny_dit(tmp_path_factory.mktemp("tiny-dit"))
