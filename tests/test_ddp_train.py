@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_models
+
 N, BATCH = 7, 3  # global batches of 3, 3, 1: unequal parts (2 + 1) and, last, a rank without a sample
 
 
@@ -28,11 +30,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "masks").mkdir()
     rng = np.random.default_rng(1)
     for i in range(N):
-        x0 = int(rng.integers(16, 48))
-        img = np.zeros((64, 64, 3), np.uint8)
-        img[:] = (30, 60, 200)
-        img[:, :x0] = (220, 40, 30)
-        Image.fromarray(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
+        img, x0 = tiny_models.two_region_image(rng)
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
         mask = np.zeros((64, 64), np.uint8)
         mask[:, :x0] = 1
         mask[: 4 * i] = 255  # ignored rows

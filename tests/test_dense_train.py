@@ -12,6 +12,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import tiny_models
+
 from difffeat.cli import cli, load_task_commands
 from difffeat.errors import BadInputError, CheckpointMismatchError
 from difffeat.heads import load_head
@@ -34,11 +36,7 @@ def data(tmp_path_factory):
         (root / d).mkdir()
     rng = np.random.default_rng(0)
     for i in range(N):
-        x0 = int(rng.integers(16, 48))
-        img = np.zeros((64, 64, 3), np.float64)
-        img[:] = (30, 60, 200)
-        img[:, :x0] = (220, 40, 30)
-        img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+        img, x0 = tiny_models.two_region_image(rng)
         Image.fromarray(img).save(root / "images" / f"im{i}.png")
         mask = np.zeros((64, 64), np.uint8)
         mask[:, :x0] = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BYTE_CHARS = None
@@ -249,3 +250,13 @@ def build_tiny_sd3(root: Path, with_t5: bool = True, sd35: bool = True) -> Path:
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
     }
     return _save(root, comps, "StableDiffusion3Pipeline")
+
+
+def two_region_image(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, int]:
+    """A noisy [size, size, 3] uint8 image, red left of a random column x0 and blue right of it,
+    and x0 (the dense-training tests' data: masks, depth and edges follow from x0)."""
+    x0 = int(rng.integers(16, 48))
+    img = np.zeros((size, size, 3), np.float64)
+    img[:] = (30, 60, 200)
+    img[:, :x0] = (220, 40, 30)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8), x0
