@@ -10,25 +10,27 @@ CLIP-G + optional T5). Methods never call diffusers directly; they use
 * :meth:`add_noise` / :meth:`target` — the forward process and the regression target,
   following the scheduler (epsilon, v-prediction, sample, or flow matching);
 * :meth:`predict` — one denoiser call.
+
+Everything that differs between families (text encoding, conditioning, layer names, token
+streams, timestep input, compile targets) is delegated to a family adapter
+(:mod:`difffeat.families`), found by :func:`difffeat.families.family_of`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from .components import ModelParts, place
+from .conditioning import Conditioning, batch_rows
 from .errors import BadInputError, DiffFeatError
+from .families import Family, family_of
 from .io import load_features, save_features
 from .loading import DENOISER_KEYS, load_component, read_model_index
-
-TEXT_ENCODER_KEYS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TEXT_FAMILIES = ("sd", "sdxl", "sd3", "pixart")
-SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length default
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -54,57 +56,12 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _tree_map(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _tree_map(fn, v) for k, v in obj.items()}
-    return obj
-
-
-@dataclass
-class Conditioning:
-    """Keyword arguments for the denoiser, every tensor with the batch first.
-
-    ``kwargs`` holds e.g. ``encoder_hidden_states``, ``added_cond_kwargs`` or
-    ``class_labels``. An empty dict means unconditional.
-    """
-
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 1
-
-    def select(self, idx: torch.Tensor | Sequence[int] | slice) -> "Conditioning":
-        if isinstance(idx, slice):
-            n = len(range(*idx.indices(self.batch_size)))
-            return Conditioning(_tree_map(lambda t: t[idx], self.kwargs), n)
-        idx_t = torch.as_tensor(idx, dtype=torch.long)
-        return Conditioning(_tree_map(lambda t: t[idx_t.to(t.device)], self.kwargs), len(idx_t))
-
-    def repeat_interleave(self, n: int) -> "Conditioning":
-        return Conditioning(_tree_map(lambda t: t.repeat_interleave(n, dim=0), self.kwargs), self.batch_size * n)
-
-    @staticmethod
-    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
-        first = items[0].kwargs
-
-        def merge(path: tuple[str, ...], ref: Any) -> Any:
-            if isinstance(ref, dict):
-                return {k: merge(path + (k,), v) for k, v in ref.items()}
-            if isinstance(ref, torch.Tensor):
-                parts = []
-                for it in items:
-                    v: Any = it.kwargs
-                    for p in path:
-                        v = v[p]
-                    parts.append(v)
-                return torch.cat(parts, dim=0)
-            return ref
-
-        return Conditioning(merge((), first), sum(it.batch_size for it in items))
-
-
 class DiffusionBackbone(nn.Module):
-    """A diffusion model with VAE/text encoders/scheduler and uniform primitives."""
+    """A diffusion model with VAE/text encoders/scheduler and uniform primitives.
+
+    Family knowledge (text encoding, conditioning, layer naming, token streams, timestep
+    input, compile targets) lives in ``self.adapter``, a :class:`difffeat.families.Family`.
+    """
 
     def __init__(
         self,
@@ -126,19 +83,31 @@ class DiffusionBackbone(nn.Module):
         key = next((k for k in DENOISER_KEYS if components.get(k) is not None), None)
         if key is None:
             raise DiffFeatError(f"{source} has no denoiser (unet/transformer) in model_index.json")
-        self.denoiser: nn.Module = _place(components[key], device, dtype)
+        self.denoiser: nn.Module = place(components[key], device, dtype)
+        family = family_of(self.denoiser, source)
         if device.type == "cuda":
             _speed_up(self.denoiser)
         vae = components.get("vae")
-        self.vae: nn.Module | None = None if vae is None else _place(vae, device, dtype)
+        self.vae: nn.Module | None = None if vae is None else place(vae, device, dtype)
         self.scheduler = components.get("scheduler")
         if self.scheduler is None:
             raise DiffFeatError(f"{source} has no scheduler; cannot define the noising process")
-        self._tokenizer_by_key = {k: components[k] for k in ("tokenizer", "tokenizer_2", "tokenizer_3") if components.get(k) is not None}
-        self.tokenizers = list(self._tokenizer_by_key.values())
-        self._text_encoders: dict[str, nn.Module] | None = None
+        self.parts = ModelParts(source, self.name, self.denoiser, components, index, dtype, device, random_weights, use_t5)
+        self.adapter: Family = family(self.parts)
+        self.family: str = family.name
+        self.tokenizers = list(self.parts.tokenizers.values())
         self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
-        self.family = self._detect_family()
+        self._init_noising()
+        if self.vae is not None:
+            vcfg = self.vae.config
+            self.latent_scale = 2 ** (len(vcfg.block_out_channels) - 1)
+            self.scaling_factor = float(vcfg.get("scaling_factor", 0.18215) or 0.18215)
+            self.shift_factor = float(vcfg.get("shift_factor", 0.0) or 0.0)
+        else:
+            self.latent_scale, self.scaling_factor, self.shift_factor = 1, 1.0, 0.0
+        self.num_classes: int | None = self.adapter.num_classes
+
+    def _init_noising(self) -> None:
         cfg = self.scheduler.config
         self.num_train_timesteps: int = int(cfg.get("num_train_timesteps", 1000))
         if "FlowMatch" in type(self.scheduler).__name__:
@@ -151,33 +120,9 @@ class DiffusionBackbone(nn.Module):
                 from diffusers import DDPMScheduler
 
                 ac = DDPMScheduler.from_config(cfg).alphas_cumprod
-            self.register_buffer("alphas_cumprod", ac.to(device=device, dtype=torch.float32), persistent=False)
-        if self.vae is not None:
-            vcfg = self.vae.config
-            self.latent_scale = 2 ** (len(vcfg.block_out_channels) - 1)
-            self.scaling_factor = float(vcfg.get("scaling_factor", 0.18215) or 0.18215)
-            self.shift_factor = float(vcfg.get("shift_factor", 0.0) or 0.0)
-        else:
-            self.latent_scale, self.scaling_factor, self.shift_factor = 1, 1.0, 0.0
-        dcfg = self.denoiser.config
-        self.num_classes: int | None = (dcfg.get("num_class_embeds") or dcfg.get("num_embeds_ada_norm")) if self.family in ("pixel", "dit") else None
+            self.register_buffer("alphas_cumprod", ac.to(device=self.device_, dtype=torch.float32), persistent=False)
 
     # ------------------------------------------------------------------ description
-    def _detect_family(self) -> str:
-        cls = type(self.denoiser).__name__
-        cfg = self.denoiser.config
-        if cls == "UNet2DConditionModel":
-            return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"
-        if cls == "UNet2DModel":
-            return "pixel"
-        if cls == "SD3Transformer2DModel":
-            return "sd3"
-        if cls == "PixArtTransformer2DModel":
-            return "pixart"
-        if cls in ("DiTTransformer2DModel", "Transformer2DModel"):
-            return "pixart" if cfg.get("norm_type") == "ada_norm_single" else "dit"
-        raise DiffFeatError(f"unsupported denoiser class {cls} in {self.source}")
-
     @property
     def device(self) -> torch.device:  # type: ignore[override]
         return self.device_
@@ -191,18 +136,21 @@ class DiffusionBackbone(nn.Module):
         return int(self.denoiser.config.in_channels)
 
     @property
+    def patch_size(self) -> int:
+        return self.adapter.patch
+
+    @property
     def text_length(self) -> int:
         """Text tokens the denoiser attends to (the key count of its cross-attention)."""
-        clip = int(self._tokenizer_by_key["tokenizer"].model_max_length) if "tokenizer" in self._tokenizer_by_key else 77
-        if self.family == "sd3":
-            return 77 + SD3_T5_LENGTH
-        if self.family == "pixart":  # the pipelines' max_sequence_length defaults
-            return 300 if "Sigma" in str(self._index.get("_class_name", "")) else 120
-        return clip
+        return self.adapter.text_length
 
     @property
     def text_conditioned(self) -> bool:
-        return bool(self.tokenizers) or self.family in ("sd", "sdxl", "sd3", "pixart")
+        return bool(self.tokenizers) or self.adapter.text
+
+    def layer_modules(self) -> dict[str, nn.Module]:
+        """Uniform layer names -> modules (the family's naming, see :mod:`difffeat.layers`)."""
+        return self.adapter.layer_modules()
 
     @property
     def size_multiple(self) -> int:
@@ -215,7 +163,7 @@ class DiffusionBackbone(nn.Module):
         if hasattr(d, "down_blocks"):
             n = sum(1 for b in d.down_blocks if getattr(b, "downsamplers", None))
             return 2**n
-        return int(d.config.get("patch_size", 1) or 1)
+        return self.adapter.patch
 
     def check_timesteps(self, timesteps: Sequence[int]) -> list[int]:
         ts = [int(t) for t in timesteps]
@@ -294,22 +242,10 @@ class DiffusionBackbone(nn.Module):
         raise DiffFeatError(f"unsupported prediction type {self.prediction_type!r}")
 
     def timestep_input(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep value the denoiser is fed (t itself for all supported families)."""
-        return t.to(self.device)
+        """The timestep value the denoiser is fed (the family's rule; t itself so far)."""
+        return self.adapter.timestep_input(t)
 
     # ------------------------------------------------------------------ conditioning
-    def _encoder_map(self) -> dict[str, nn.Module]:
-        if self._text_encoders is None:
-            encs = {}
-            for key in TEXT_ENCODER_KEYS:
-                spec = self._index.get(key)
-                if not spec or spec[0] is None or (not self.use_t5 and str(spec[1]).startswith("T5")):
-                    continue
-                m = load_component(self.source, key, spec, self.dtype, self._random)
-                encs[key] = _place(m, self.device, self.dtype)
-            self._text_encoders = encs
-        return self._text_encoders
-
     def text_encoders(self) -> list[nn.Module]:
         """Text encoders, loaded on first use (prompt embeddings are then cached).
 
@@ -317,74 +253,41 @@ class DiffusionBackbone(nn.Module):
         T5 part (as diffusers does with ``text_encoder_3=None``); PixArt needs
         ``prompt_embeds`` or a prompt cache holding the prompt.
         """
-        return list(self._encoder_map().values())
-
-    def _tokenize(self, key: str, prompt: str, max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self._tokenizer_by_key.get(key.replace("text_encoder", "tokenizer"))
-        if tok is None:
-            raise DiffFeatError(f"{self.name} has no tokenizer for {key}; pass prompt_embeds instead of a prompt")
-        out = tok([prompt], padding="max_length", max_length=max_length or tok.model_max_length, truncation=True,
-                  add_special_tokens=True, return_tensors="pt")
-        return out.input_ids.to(self.device), out.attention_mask.to(self.device)
-
-    def _encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
-        """One prompt -> {encoder_hidden_states [1,L,D], pooled [1,P]?, attention_mask [1,L]?}.
-
-        Follows each diffusers pipeline's ``encode_prompt``: SD 1/2 last hidden state; SDXL
-        penultimate hidden states of both CLIPs concatenated, pooled from the projection
-        encoder; SD3 the same for CLIP-L/G (pooled concatenated), zero-padded to the T5 width
-        and followed by 256 T5 tokens (zeros without T5); PixArt T5 with its attention mask.
-        """
-        encs = self._encoder_map()
-        if self.family == "pixart":
-            if "text_encoder" not in encs:
-                raise DiffFeatError(f"{self.name} runs without its T5 text encoder; pass prompt_embeds and prompt_attention_mask, or a prompt cache holding {prompt!r}")
-            ids, mask = self._tokenize("text_encoder", prompt, self.text_length)
-            return {"encoder_hidden_states": encs["text_encoder"](ids, attention_mask=mask)[0], "attention_mask": mask}
-        clips = [k for k in TEXT_ENCODER_KEYS if k in encs and not type(encs[k]).__name__.startswith("T5")]
-        if not clips:
-            raise DiffFeatError(f"{self.name} has no text encoder; pass prompt_embeds instead of a prompt")
-        if self.family == "sd":
-            return {"encoder_hidden_states": encs[clips[0]](self._tokenize(clips[0], prompt)[0])[0]}
-        hidden, pooled = [], []
-        for key in clips:
-            out = encs[key](self._tokenize(key, prompt)[0], output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            if getattr(out, "text_embeds", None) is not None:
-                pooled.append(out.text_embeds)
-        clip = torch.cat(hidden, dim=-1)
-        if self.family == "sdxl":  # pooled: the first encoder with a projection (text_encoder_2)
-            return {"encoder_hidden_states": clip, "pooled": pooled[0]}
-        dim = int(self.denoiser.config.joint_attention_dim)
-        if "text_encoder_3" in encs:
-            t5 = encs["text_encoder_3"](self._tokenize("text_encoder_3", prompt, SD3_T5_LENGTH)[0])[0]
-        else:
-            t5 = torch.zeros(1, SD3_T5_LENGTH, dim, device=self.device, dtype=clip.dtype)
-        clip = torch.nn.functional.pad(clip, (0, dim - clip.shape[-1]))
-        return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=1), "pooled": torch.cat(pooled, dim=-1)}
+        return list(self.parts.text_encoders().values())
 
     def _disk_cache_path(self, prompt: str) -> str | None:
         if not self.prompt_cache_dir or self._random:  # random text encoders differ per load
             return None
-        t5_zeros = self.family == "sd3" and not self.use_t5  # (PixArt cannot embed without T5 at all)
-        key = json.dumps([self.source, self.family, self.text_length, t5_zeros, prompt])
+        key = json.dumps([self.source, self.family, self.text_length, self.adapter.t5_zeros, prompt])
         return os.path.join(self.prompt_cache_dir, hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
     @torch.no_grad()
     def _embed_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
-        """Embeddings of one prompt, cached in memory and (with ``prompt_cache``) on disk."""
+        """Embeddings of one prompt (the family's ``encode_text``), cached in memory and
+        (with ``prompt_cache``) on disk."""
         if prompt in self._prompt_cache:
             return self._prompt_cache[prompt]
         path = self._disk_cache_path(prompt)
         if path is not None and os.path.exists(path):
             emb = {k: v.to(self.device) for k, v in load_features(path)[0].items()}
         else:
-            emb = self._encode_text(prompt)
+            emb = self.adapter.encode_text(prompt)
             if path is not None:
                 save_features(path, emb, {"prompt": prompt, "source": self.source, "family": self.family})
         emb = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in emb.items()}
         self._prompt_cache[prompt] = emb
         return emb
+
+    def _prompt_embeddings(self, prompts: Sequence[str] | str | None, batch: int, prompt_embeds: torch.Tensor | None,
+                           pooled: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        if prompt_embeds is not None:
+            return {"encoder_hidden_states": prompt_embeds.to(self.device, self.dtype), "pooled": pooled, "attention_mask": mask}
+        plist = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
+        if len(plist) != batch:
+            raise BadInputError(f"got {len(plist)} prompts for {batch} images")
+        embs = [self._embed_prompt(p) for p in plist]
+        return {k: torch.cat([e[k] for e in embs]) if k in embs[0] else None
+                for k in ("encoder_hidden_states", "pooled", "attention_mask")}
 
     def conditioning(
         self,
@@ -403,63 +306,17 @@ class DiffusionBackbone(nn.Module):
         (SDXL/SD3 also need ``pooled_prompt_embeds``; PixArt takes ``prompt_attention_mask``
         [B or 1, L], default all ones). ``class_labels`` selects classes of class-conditional
         models (None = null class). ``image_size`` (H, W) feeds SDXL's size conditioning and
-        PixArt-α's resolution/aspect-ratio conditioning.
+        PixArt-α's resolution/aspect-ratio conditioning. The family adapter builds the kwargs.
         """
-        kw: dict[str, Any] = {}
-        if self.family in TEXT_FAMILIES:
-            if prompt_embeds is not None:
-                ehs = prompt_embeds.to(self.device, self.dtype)
-                pooled, mask = pooled_prompt_embeds, prompt_attention_mask
-            else:
-                plist = [prompts or ""] * batch if prompts is None or isinstance(prompts, str) else list(prompts)
-                if len(plist) != batch:
-                    raise BadInputError(f"got {len(plist)} prompts for {batch} images")
-                embs = [self._embed_prompt(p) for p in plist]
-                ehs = torch.cat([e["encoder_hidden_states"] for e in embs])
-                pooled = torch.cat([e["pooled"] for e in embs]) if "pooled" in embs[0] else None
-                mask = torch.cat([e["attention_mask"] for e in embs]) if "attention_mask" in embs[0] else None
-            kw["encoder_hidden_states"] = _batch(ehs, batch)
-            h, w = image_size or (1024, 1024)
-            if self.family in ("sdxl", "sd3"):
-                if pooled is None:
-                    raise BadInputError(f"{self.family.upper()} needs pooled_prompt_embeds together with prompt_embeds")
-                pooled = _batch(pooled.to(self.device, self.dtype), batch)
-                if self.family == "sd3":
-                    kw["pooled_projections"] = pooled
-                else:
-                    time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(batch, -1)
-                    kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-            if self.family == "pixart":
-                if mask is None:
-                    mask = torch.ones(ehs.shape[:2], dtype=torch.long)
-                kw["encoder_attention_mask"] = _batch(mask.to(self.device), batch)
-                kw["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-                if getattr(self.denoiser, "use_additional_conditions", False):  # PixArt-α 1024: size conditioning
-                    kw["added_cond_kwargs"] = {
-                        "resolution": torch.tensor([[h, w]], device=self.device, dtype=self.dtype).expand(batch, -1),
-                        "aspect_ratio": torch.tensor([[h / w]], device=self.device, dtype=self.dtype).expand(batch, -1),
-                    }
-        elif self.num_classes:
-            null = int(self.num_classes) - 1 if self.family == "pixel" else int(self.num_classes)
-            if class_labels is None:
-                labels = torch.full((batch,), null, dtype=torch.long)
-            else:
-                labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-                if labels.numel() == 1 and batch > 1:
-                    labels = labels.expand(batch)
-                if labels.numel() != batch:
-                    raise BadInputError(f"got {labels.numel()} class labels for {batch} images")
-                limit = int(self.num_classes)
-                if (labels < 0).any() or (labels >= limit + (self.family == "dit")).any():
-                    raise BadInputError(f"class label out of range [0, {limit}) for {self.name}")
-            kw["class_labels"] = labels.to(self.device)
-        return Conditioning(kw, batch)
+        if self.adapter.text:
+            emb = self._prompt_embeddings(prompts, batch, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)
+            return Conditioning(self.adapter.text_kwargs(emb, batch, image_size or (1024, 1024)), batch)
+        return Conditioning(self.adapter.label_kwargs(class_labels, batch), batch)
 
     # ------------------------------------------------------------------ denoiser
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One denoiser call; returns the model output (same shape as ``x_t``)."""
-        if self.family == "dit" and x_t.shape[-1] != x_t.shape[-2]:
-            raise BadInputError(f"DiT needs square images (it unpatchifies a square grid); got {x_t.shape[-1]}x{x_t.shape[-2]} latents")
+        self.adapter.check_input(x_t)
         t = self.timestep_input(t)
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
@@ -471,14 +328,10 @@ class DiffusionBackbone(nn.Module):
 
     def dummy_conditioning(self, batch: int, image_size: tuple[int, int]) -> Conditioning:
         """Zero conditioning of the right shapes (used to probe layer shapes without a text encoder)."""
-        if self.family in TEXT_FAMILIES:
-            cfg = self.denoiser.config
-            dim = {"sd3": "joint_attention_dim", "pixart": "caption_channels"}.get(self.family, "cross_attention_dim")
-            ehs = torch.zeros(1, self.text_length, int(cfg[dim]), device=self.device, dtype=self.dtype)
-            pdim = {"sdxl": lambda: int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim),
-                    "sd3": lambda: int(cfg.pooled_projection_dim)}.get(self.family)
-            pooled = None if pdim is None else torch.zeros(1, pdim(), device=self.device, dtype=self.dtype)
-            return self.conditioning(batch=batch, prompt_embeds=ehs, pooled_prompt_embeds=pooled, image_size=image_size)
+        if self.adapter.text:
+            z = self.adapter.dummy_text()
+            return self.conditioning(batch=batch, prompt_embeds=z["encoder_hidden_states"],
+                                     pooled_prompt_embeds=z.get("pooled"), image_size=image_size)
         return self.conditioning(batch=batch, image_size=image_size)
 
 
@@ -513,26 +366,10 @@ def compile_denoiser(bb: "DiffusionBackbone", mode: str | None = None) -> None:
         raise DiffFeatError(f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Broadcast a batch-of-one tensor to ``batch`` rows (a view, no copy)."""
-    return x.expand(batch, *x.shape[1:]) if x.shape[0] == 1 and batch > 1 else x
-
-
-def _place(m: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Move to device; cast only if needed (diffusers warns on redundant casts)."""
-    m = m.to(device)
-    if next(m.parameters()).dtype != dtype:
-        m = m.to(dtype)
-    return m.eval().requires_grad_(False)
-
-
 def _speed_up(denoiser: nn.Module) -> None:
-    """Exact speed-ups on GPU: fused QKV projections and channels-last convolutions."""
-    # diffusers' FusedJointAttnProcessor2_0 skips QK-norm and is also put on SD3.5's image-only
-    # attention, which it cannot run: SD3.5 keeps its unfused (exact) processors
-    sd35 = type(denoiser).__name__ == "SD3Transformer2DModel" and (
-        denoiser.config.get("qk_norm") or denoiser.config.get("dual_attention_layers"))
-    if hasattr(denoiser, "fuse_qkv_projections") and not sd35:
+    """Exact speed-ups on GPU: fused QKV projections (where the family says they are exact)
+    and channels-last convolutions."""
+    if hasattr(denoiser, "fuse_qkv_projections") and family_of(denoiser).fuses_qkv(denoiser):
         try:
             denoiser.fuse_qkv_projections()
         except Exception:  # some attention processors (e.g. custom) cannot fuse; keep them
@@ -576,4 +413,4 @@ def load_backbone(
 
 
 __all__ = ["DiffusionBackbone", "Conditioning", "allow_recompiles", "compile_denoiser", "load_backbone", "parse_dtype",
-           "parse_device"]
+           "parse_device", "batch_rows"]

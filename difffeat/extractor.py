@@ -30,10 +30,11 @@ from torch import nn
 
 from . import __version__
 from .attention import AttentionCapture, parse_attention_name
-from .backbone import Conditioning, DiffusionBackbone, allow_recompiles
+from .backbone import DiffusionBackbone, allow_recompiles
+from .conditioning import Conditioning
 from .errors import BadInputError, OutOfMemoryError, one_of
 from .io import prepare_image, image_key
-from .layers import block_level, image_stream, layer_modules
+from .layers import block_level
 from .noise import draw
 
 
@@ -114,7 +115,7 @@ class FeatureExtractor(nn.Module):
         self.prompt, self.class_label = prompt, class_label
         self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
         self.early_exit = early_exit
-        self._modules_by_name = layer_modules(backbone.denoiser)
+        self._modules_by_name = backbone.layer_modules()
         self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
         for name in self.layers:
             parsed = parse_attention_name(name)
@@ -295,12 +296,12 @@ class FeatureExtractor(nn.Module):
         last = max(anchors, key=lambda n: order[n][0]) if self.early_exit else None
         wanted = {n for n in self.layers if n in self._modules_by_name}  # feature outputs
         hw = (x_t.shape[-2], x_t.shape[-1])
-        patch = int(self.backbone.denoiser.config.get("patch_size", 1) or 1)
+        patch, stream = self.backbone.patch_size, self.backbone.adapter.image_stream
 
         def make_hook(name: str):  # type: ignore[no-untyped-def]
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 if name in wanted:
-                    captured[name] = as_map(image_stream(module, output), hw, patch, unpatchify=name == "final")
+                    captured[name] = as_map(stream(module, output), hw, patch, unpatchify=name == "final")
                 if name == last:
                     raise _StopForward
 
@@ -331,7 +332,7 @@ class FeatureExtractor(nn.Module):
         hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
         captured = self._attention.contains() if self._attention else set()
         for m in self.backbone.denoiser.modules():
-            if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D", "DiTTransformer2DModelBlock", "JointTransformerBlock") and id(m) not in hooked:
+            if type(m).__name__ in self.backbone.adapter.compile_targets and id(m) not in hooked:
                 if captured and any(id(sub) in captured for sub in m.modules()):
                     continue  # its attention processor is swapped per call
                 m.compile(dynamic=False)
@@ -344,9 +345,8 @@ def probe_layers(bb: DiffusionBackbone, attention: AttentionCapture | None = Non
     With ``attention``, its ``attn.*`` names are added too: the run order of their LAYER,
     channels = number of keys (text tokens for cross), stride of the query grid.
     """
-    mods = layer_modules(bb.denoiser)
-    cfg = bb.denoiser.config
-    patch = int(cfg.get("patch_size", 1) or 1)
+    mods = bb.layer_modules()
+    patch, stream = bb.patch_size, bb.adapter.image_stream
     # UNets: the smallest size every block accepts; transformers: a 4x4 token grid
     # (DiT/PixArt recompute their sin-cos grid, SD3 crops its table: any size works)
     side = 2 * bb.latent_multiple if hasattr(bb.denoiser, "down_blocks") else 4 * patch
@@ -355,7 +355,7 @@ def probe_layers(bb: DiffusionBackbone, attention: AttentionCapture | None = Non
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            f = as_map(image_stream(module, output), hw, patch, unpatchify=name == "final")
+            f = as_map(stream(module, output), hw, patch, unpatchify=name == "final")
             stride = bb.latent_scale * side // f.shape[-1]
             seen[name] = (len(seen), (int(f.shape[1]), int(stride)))
 

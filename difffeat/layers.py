@@ -18,7 +18,8 @@ Transformers (DiT, PixArt, SD3)::
 
 A layer's output is always read as a tensor: tuples yield their first element, which is
 the hidden state for every diffusers block except SD3's ``JointTransformerBlock``, whose
-``(text, image)`` pair yields the **image** stream (:func:`image_stream`). Token outputs
+``(text, image)`` pair yields the **image** stream (the SD3 adapter's ``image_stream``,
+:mod:`difffeat.families.sd3`). Token outputs
 ``[B, h*w, C]`` are reshaped to ``[B, C, h, w]`` by the extractor, h and w being the latent
 size divided by the patch size; ``final`` is unpatchified like the model's own output,
 to ``[B, C_out, H_latent, W_latent]`` (DiT/PixArt with learned sigma keep both halves:
@@ -44,8 +45,6 @@ SD3's joint attention is split into its image->image and image->text blocks, eac
 renormalised (see :mod:`difffeat.attention`).
 """
 from __future__ import annotations
-
-from typing import Any
 
 from torch import nn
 
@@ -95,13 +94,6 @@ def layer_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
     if hasattr(denoiser, "transformer_blocks"):
         return _transformer_layers(denoiser)
     raise TypeError(f"no layer naming for {type(denoiser).__name__}")
-
-
-def image_stream(module: nn.Module, output: Any) -> Any:
-    """The image-token part of a layer's output (SD3 joint blocks return (text, image))."""
-    if type(module).__name__ == "JointTransformerBlock" and isinstance(output, tuple):
-        return output[1]
-    return output
 
 
 def block_level(names: list[str]) -> list[str]:
