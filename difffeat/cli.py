@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import DiffFeatError
+from .errors import BadInputError, DiffFeatError
 
 
 class _Group(click.Group):
@@ -114,12 +114,11 @@ def layers_cmd(model: str | None, random_weights: bool, device: str) -> None:
     """List a model's layers with channels and stride (input pixels per feature cell)."""
     from .backbone import load_backbone
     from .extractor import probe_layers
-    from .registry import DEFAULT_MODEL, resolve
+    from .registry import DEFAULT_MODEL, is_feature_model, resolve
 
     _, preset = resolve(model or DEFAULT_MODEL)
-    if preset is not None and preset.family == "dinov2":
-        from .dino import DinoExtractor
-
+    if is_feature_model(preset):
+        assert preset is not None
         depth = int(preset.layers[0].split(".")[1]) + 1
         for i in range(depth):
             click.echo(f"block.{i}")
@@ -154,6 +153,9 @@ def extract_cmd(images: Path, out_dir: Path, batch_size: int, latent: str | None
     if shard_size is not None and viz_layer is not None:
         raise click.UsageError("--viz writes one PNG per image and cannot be combined with --shard-size")
     ex = extractor_from_options(**opts)
+    if not ex.per_image:
+        raise BadInputError(f"{opts.get('model')} fits its co-PCA on each image pair, so per-image features would depend "
+                            "on the batch; use `difffeat correspond`, or extract its sources (e.g. -m sd15, -m dinov2-b) apart")
     if latent is not None and hasattr(ex, "latent"):
         ex.latent = latent
     if shard_size is not None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .backbone import parse_device, parse_dtype
 from .errors import BadInputError, WeightsNotFoundError, one_of
-from .io import prepare_image
+from .protocol import dtype_name
+from .geometry import Geometry
 from .loading import hf_home
 from .registry import get_model
 
@@ -52,6 +53,7 @@ class DinoExtractor(nn.Module):
         self.name, self.arch = name, preset.hub_id
         self.layers = [layers] if isinstance(layers, str) else list(layers or preset.layers)
         self.resolution, self.resize = resolution, resize
+        self.random_weights, self.model_kwargs = random_weights, dict(model_kwargs)
         self.device_ = parse_device(device)
         self.dtype_ = parse_dtype(dtype, self.device_)
         depth = int(model_kwargs.get("depth", {"s": 12, "b": 12, "l": 24, "g": 40}[name.split("-")[1][0]]))
@@ -61,6 +63,7 @@ class DinoExtractor(nn.Module):
                 raise one_of("layer", layer, valid)
         self.indices = [int(layer.split(".")[1]) for layer in self.layers]
         weights = weights or os.environ.get("DIFFFEAT_DINOV2_WEIGHTS")
+        self.weights = os.path.abspath(weights) if weights else None
         kw: dict[str, Any] = dict(features_only=True, out_indices=tuple(self.indices), dynamic_img_size=True, **model_kwargs)
         if weights:
             if not os.path.exists(weights):
@@ -95,8 +98,29 @@ class DinoExtractor(nn.Module):
         return {"model": self.name, "source": self.arch, "layers": self.layers, "resolution": self.resolution,
                 "dtype": str(self.dtype_).replace("torch.", ""), "difffeat_version": __version__}
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`difffeat.create` that rebuild this extractor (same features)."""
+        return {"name": self.name, "layers": list(self.layers), "resolution": self.resolution, "resize": self.resize,
+                "dtype": dtype_name(self.dtype_), "device": str(self.device_), "random_weights": self.random_weights,
+                "weights": self.weights, "model_kwargs": dict(self.model_kwargs)}
+
+    @property
+    def device(self) -> torch.device:
+        return self.device_
+
+    @property
+    def per_image(self) -> bool:
+        """Features of an image never depend on the other images of the call."""
+        return True
+
+    @property
+    def geometry(self) -> Geometry:
+        """Resolution and resize policy of PIL inputs; sides snap to the 14-pixel patch."""
+        return Geometry(self.resolution, self.resize, PATCH)
+
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([prepare_image(im, self.resolution, self.resize if self.resolution else "snap", PATCH).image for im in images])
+        return self.geometry.prepare(images)
 
     @torch.no_grad()
     def forward(self, images: Any, **_: Any) -> dict[str, torch.Tensor]:

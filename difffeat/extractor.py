@@ -33,7 +33,9 @@ from .attention import AttentionCapture, parse_attention_name
 from .backbone import DiffusionBackbone, allow_recompiles
 from .conditioning import Conditioning
 from .errors import BadInputError, OutOfMemoryError, one_of
-from .io import prepare_image, image_key
+from .geometry import Geometry
+from .io import image_key
+from .protocol import dtype_name, portable_name
 from .layers import block_level
 from .noise import draw
 
@@ -114,7 +116,7 @@ class FeatureExtractor(nn.Module):
         self.ensemble, self.noise, self.seed, self.latent = int(ensemble), noise, int(seed), latent
         self.prompt, self.class_label = prompt, class_label
         self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
-        self.early_exit = early_exit
+        self.early_exit, self.attention_heads, self.compiled = early_exit, attention_heads, bool(compile)
         self._modules_by_name = backbone.layer_modules()
         self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
         for name in self.layers:
@@ -182,17 +184,35 @@ class FeatureExtractor(nn.Module):
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
         }
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`difffeat.create` that rebuild this extractor (same features)."""
+        bb = self.backbone
+        return {"name": portable_name(bb.name), "layers": list(self.layers), "timesteps": list(self.timesteps),
+                "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed, "latent": self.latent,
+                "prompt": self.prompt, "class_label": self.class_label, "resolution": self.resolution,
+                "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
+                "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
+                "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random}
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def per_image(self) -> bool:
+        """Features of an image never depend on the other images of the call."""
+        return True
+
     # ------------------------------------------------------------------ inputs
+    @property
+    def geometry(self) -> Geometry:
+        """How inputs are prepared: this extractor's resolution and resize policy, the backbone's multiple."""
+        return Geometry(self.resolution, self.resize, self.backbone.size_multiple)
+
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> [B,3,H,W] in [0,1] using this extractor's resolution and resize policy."""
-        preps = [
-            prepare_image(im, self.resolution, self.resize if self.resolution else "snap", self.backbone.size_multiple)
-            for im in images
-        ]
-        sizes = {tuple(p.image.shape) for p in preps}
-        if len(sizes) > 1:
-            raise BadInputError(f"images prepare to different sizes {sorted(sizes)}; set a resolution to batch them")
-        return torch.stack([p.image for p in preps])
+        """PIL images -> [B,3,H,W] in [0,1] using this extractor's geometry."""
+        return self.geometry.prepare(images)
 
     def _as_batch(self, images: Any) -> torch.Tensor:
         if isinstance(images, Image.Image):

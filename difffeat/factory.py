@@ -1,25 +1,26 @@
-"""``difffeat.create``: one entry point for every extractor (timm's ``create_model`` style)."""
+"""``difffeat.create``: one entry point for every extractor (timm's ``create_model`` style).
+
+Settings resolve by one rule (:func:`difffeat.presets.precedence`): the keywords given here
+over the method preset over the model preset over the library defaults.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 from .backbone import DiffusionBackbone, load_backbone
 from .errors import BadInputError
-from .registry import MODELS, DEFAULT_MODEL, get_preset, method_presets, resolve
+from .presets import precedence
+from .protocol import Extractor
+from .registry import DEFAULT_MODEL, MODELS, get_preset, is_feature_model, method_presets, resolve
 
-
-def _pick(value: Any, *defaults: Any) -> Any:
-    if value is not None:
-        return value
-    for d in defaults:
-        if d is not None:
-            return d
-    return None
+# what a fusion preset fixes per source (give them in its YAML, or build the FusedExtractor yourself)
+_PER_SOURCE = ("layers", "timesteps", "ensemble", "noise", "latent", "prompt", "class_label", "resolution", "resize")
 
 
 def create(
     name: str | None = None,
     *,
+    model: str | None = None,
     layers: Sequence[str] | str | None = None,
     timesteps: Sequence[int] | int | None = None,
     ensemble: int | None = None,
@@ -39,61 +40,74 @@ def create(
     attention_heads: str = "mean",
     use_t5: bool = True,
     prompt_cache: str | None = None,
+    fusion: dict[str, Any] | None = None,
+    weights: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     backbone: DiffusionBackbone | None = None,
-) -> Any:
+) -> Extractor:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
     Model presets (``difffeat.list_models()``) bring their native resolution and the
     recommended layer/timestep; method presets (``difffeat.list_presets()``, YAML in
-    ``configs/``) bring a paper's whole protocol. Any keyword given here overrides them.
-    Returns a :class:`~difffeat.extractor.FeatureExtractor`, a
-    :class:`~difffeat.dino.DinoExtractor` or a :class:`~difffeat.fusion.FusedExtractor`.
+    ``configs/``) bring a paper's whole protocol. Any keyword given here overrides them;
+    ``model=`` runs a method preset's protocol on another model. Returns an
+    :class:`~difffeat.protocol.Extractor`: a :class:`~difffeat.extractor.FeatureExtractor`,
+    :class:`~difffeat.dino.DinoExtractor` or :class:`~difffeat.fusion.FusedExtractor`;
+    ``create(**ex.config)`` rebuilds it.
 
     ``attention_heads`` ("mean" or "all") shapes ``attn.*`` layers; ``use_t5=False`` never loads
     T5 text encoders (SD3, PixArt); ``prompt_cache`` is a folder of cached prompt embeddings
-    (see :func:`~difffeat.backbone.load_backbone`).
+    (see :func:`~difffeat.backbone.load_backbone`). ``fusion`` is a fusion spec as the YAML
+    presets write it; ``weights`` / ``model_kwargs`` go to DINOv2 (a local file, timm kwargs).
     """
-    name = name or DEFAULT_MODEL
+    given = dict(layers=layers, timesteps=timesteps, ensemble=ensemble, noise=noise, latent=latent, prompt=prompt,
+                 class_label=class_label, resolution=resolution, resize=resize)
+    common = dict(dtype=dtype, device=device, random_weights=random_weights, max_batch=max_batch, compile=compile,
+                  seed=seed, use_t5=use_t5, prompt_cache=prompt_cache)
     settings: dict[str, Any] = {}
-    if name in method_presets() and name not in MODELS:
-        preset = get_preset(name)
-        if "fusion" in preset.raw:
-            from .fusion import FusedExtractor
-
-            return FusedExtractor.from_preset(preset, dtype=dtype, device=device, random_weights=random_weights)
-        settings = dict(preset.extract)
-        name = str(settings.pop("model"))
+    preset = get_preset(name) if name in method_presets() and name not in MODELS else None
+    if fusion is not None or (preset is not None and "fusion" in preset.raw):
+        return _create_fused(name or "fused", fusion or preset.raw["fusion"], preset, model, given, common)  # type: ignore[union-attr]
+    if preset is not None:  # a method preset's extraction settings (its other keys belong to its task)
+        settings = {k: v for k, v in preset.extract.items() if k in _PER_SOURCE}
+        name = str(preset.extract["model"])
+    elif model is not None and name is not None and model != name:
+        raise BadInputError(f"model={model!r} conflicts with {name!r}; pass one model (model= overrides method presets)")
+    name = model or name or DEFAULT_MODEL
     source, mp = resolve(name)
-    if mp is not None and mp.family == "dinov2":
+    model_defaults = {} if mp is None else dict(layers=mp.layers, timesteps=mp.timesteps, ensemble=mp.ensemble,
+                                                resolution=mp.resolution, resize=mp.resize)
+    if is_feature_model(mp):
         from .dino import DinoExtractor
 
-        return DinoExtractor(
-            name, layers=_pick(layers, settings.get("layers"), mp.layers),
-            resolution=_pick(resolution, settings.get("resolution"), mp.resolution),
-            dtype=dtype, device=device, random_weights=random_weights,
-        )
+        opts = precedence(given, settings, model_defaults)
+        return DinoExtractor(name, layers=opts["layers"], resolution=opts["resolution"], resize=opts["resize"],
+                             dtype=dtype, device=device, random_weights=random_weights, weights=weights, **(model_kwargs or {}))
     bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
                                    use_t5=use_t5, prompt_cache=prompt_cache)
     from .extractor import FeatureExtractor
 
-    default_layers = mp.layers if mp else _default_layers(bb)
-    return FeatureExtractor(
-        bb,
-        layers=_pick(layers, settings.get("layers"), default_layers),
-        timesteps=_pick(timesteps, settings.get("timesteps"), mp.timesteps if mp else None, (min(261, bb.num_train_timesteps - 1),)),
-        ensemble=int(_pick(ensemble, settings.get("ensemble"), mp.ensemble if mp else None, 1)),
-        noise=_pick(noise, settings.get("noise"), "random"),
-        seed=seed,
-        latent=_pick(latent, settings.get("latent"), "mean"),
-        prompt=_pick(prompt, settings.get("prompt"), ""),
-        class_label=class_label,
-        resolution=_pick(resolution, settings.get("resolution"), mp.resolution if mp else None),
-        resize=_pick(resize, settings.get("resize"), mp.resize if mp else None, "resize"),
-        max_batch=max_batch,
-        compile=compile,
-        early_exit=early_exit,
-        attention_heads=attention_heads,
-    )
+    library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,
+                   noise="random", latent="mean", prompt="", resize="resize")
+    opts = precedence(given, settings, model_defaults, library)
+    return FeatureExtractor(bb, seed=seed, max_batch=max_batch, compile=compile, early_exit=early_exit,
+                            attention_heads=attention_heads, **{**opts, "ensemble": int(opts["ensemble"])})
+
+
+def _create_fused(name: str, spec: dict[str, Any], preset: Any, model: str | None, given: dict[str, Any],
+                  common: dict[str, Any]) -> Extractor:
+    """A fusion preset (or spec): its sources fix their own layers, timesteps and geometry."""
+    from .fusion import FusedExtractor
+
+    fixed = [k for k in _PER_SOURCE if given.get(k) is not None]
+    if fixed:
+        raise BadInputError(f"{name} is a fusion preset whose sources fix {', '.join(fixed)}; "
+                            "copy its YAML (difffeat models lists it) and edit the sources instead")
+    spec = dict(spec)
+    if model is not None:  # model= replaces the preset's diffusion model in its sources
+        base = (preset.extract.get("model") if preset is not None else None)
+        spec["sources"] = [dict(s, model=model) if s.get("model") == base else s for s in spec["sources"]]
+    return FusedExtractor.from_spec(spec, name=name, **common)
 
 
 def _default_layers(bb: DiffusionBackbone) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BadInputError
+from .geometry import Geometry, common
 
 
 def l2_normalize(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
@@ -104,8 +105,11 @@ def fuse(
 class FusedExtractor(nn.Module):
     """Several extractors fused into one descriptor map ``{"fused": [B, D, g, g]}``.
 
-    Each source sees the images prepared at its own resolution and resize policy (SD at
-    960 px padded, DINOv2 at 840 px padded for SD-DINO). With ``pca_mode="co"`` the PCA of
+    Each source sees the images prepared with its own geometry (SD at 960 px padded,
+    DINOv2 at 840 px padded for SD-DINO): PIL images are prepared by each source, a tensor
+    is re-prepared by each source's :meth:`~difffeat.geometry.Geometry.prepare_tensor`, so a
+    location falls in the same grid cell of every source. Sources must place the image alike
+    (all ``pad``, or none; :func:`difffeat.geometry.common`). With ``pca_mode="co"`` the PCA of
     each layer is fitted on the images of the call, so call it on a pair (as the paper);
     ``fit_pca(images)`` instead fixes one PCA per layer from a set of images.
     """
@@ -119,25 +123,55 @@ class FusedExtractor(nn.Module):
             raise BadInputError(f"unknown pca_mode {pca_mode!r}; valid: co, fitted, none")
         self.pca_mode, self.name = pca_mode, name
         self.pcas: list[PCA | None] | None = None
+        self._geometry = common([s.geometry for s in sources])
 
     @classmethod
-    def from_preset(cls, preset: Any, dtype: str | None = None, device: str | None = None,
-                    random_weights: bool = False, **overrides: Any) -> "FusedExtractor":
+    def from_spec(cls, spec: dict[str, Any], name: str = "fused", **common_kw: Any) -> "FusedExtractor":
+        """Build from a fusion spec as the YAML presets write it (``sources``, ``grid``, ``pca_mode``);
+        ``common_kw`` (dtype, device, random_weights, max_batch, compile) go to every source that takes them."""
         from .factory import create
 
-        spec = preset.raw["fusion"]
         srcs, weights, dims = [], [], []
         for s in spec["sources"]:
             s = dict(s)
             weights.append(float(s.pop("weight", 1.0)))
             dims.append(s.pop("pca", None))
-            model = s.pop("model")
-            srcs.append(create(model, dtype=dtype, device=device, random_weights=random_weights, **s))
-        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=preset.name)
+            srcs.append(create(s.pop("model"), **{**common_kw, **s}))
+        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=name)
+
+    @classmethod
+    def from_preset(cls, preset: Any, **common_kw: Any) -> "FusedExtractor":
+        return cls.from_spec(preset.raw["fusion"], name=preset.name, **common_kw)
 
     @property
     def keys(self) -> list[str]:
         return ["fused"]
+
+    @property
+    def geometry(self) -> Geometry:
+        """The sources' common placement at the largest source resolution (what :meth:`prepare` gives)."""
+        return self._geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.sources[0].device
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``difffeat.create(**config)`` rebuilds this fusion (a fitted PCA is state, not config)."""
+        sources = []
+        for src, w, k in zip(self.sources, self.weights, self.pca_dims):
+            c = dict(src.config)
+            sources.append({"model": c.pop("name"), **c, "pca": k, "weight": w})
+        return {"name": self.name, "fusion": {"sources": sources, "grid": self.grid, "pca_mode": self.pca_mode}}
+
+    @property
+    def per_image(self) -> bool:
+        """False with co-PCA: each call fits its PCA on the images it is given (a pair)."""
+        return self.pca_mode != "co"
+
+    def prepare(self, images: Sequence[Any]) -> torch.Tensor:
+        return self._geometry.prepare(images)
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -151,31 +185,35 @@ class FusedExtractor(nn.Module):
         return {"model": self.name, "sources": [s.metadata() for s in self.sources], "weights": self.weights,
                 "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid}
 
-    def _source_maps(self, images: Any, **kw: Any) -> list[list[torch.Tensor]]:
+    def source_maps(self, images: Any, **kw: Any) -> list[list[torch.Tensor]]:
+        """Every source's layer maps of ``images`` (PIL list or tensor), each source with its geometry."""
         out = []
         for src in self.sources:
             x = images
-            if isinstance(images, torch.Tensor) and getattr(src, "resolution", None):
-                r = src.resolution
-                x = F.interpolate(images.float(), size=(r, r), mode="bicubic", align_corners=False).clamp(0, 1)
+            if isinstance(images, torch.Tensor):
+                x = src.geometry.prepare_tensor(images if images.dim() == 4 else images.unsqueeze(0))
             feats = src(x, **kw)
             out.append([feats[k] for k in src.keys])
         return out
+
+    def fuse_maps(self, groups: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """Fuse :meth:`source_maps` output (of one call, or of a pair concatenated) to [B, D, g, g]."""
+        if self.pca_mode == "fitted" and self.pcas is None:
+            raise BadInputError("pca_mode 'fitted' needs fit_pca(images) first")
+        dims = None if self.pca_mode == "none" else self.pca_dims
+        pcas = self.pcas if self.pca_mode == "fitted" else None
+        return fuse(groups, self.weights, self.grid, dims, pcas)
 
     @torch.no_grad()
     def fit_pca(self, images: Any, **kw: Any) -> None:
         """Fit one PCA per reduced layer on ``images`` and use it for every later call."""
         pcas: list[PCA | None] = []
-        for maps, k in zip(self._source_maps(images, **kw), self.pca_dims):
+        for maps, k in zip(self.source_maps(images, **kw), self.pca_dims):
             pcas.extend(PCA.fit(m, k) if k else None for m in maps)
         self.pcas, self.pca_mode = pcas, "fitted"
 
     @torch.no_grad()
     def forward(self, images: Any, **kw: Any) -> dict[str, torch.Tensor]:
-        groups = self._source_maps(images, **kw)
         if self.pca_mode == "fitted" and self.pcas is None:
             raise BadInputError("pca_mode 'fitted' needs fit_pca(images) first")
-        dims = None if self.pca_mode == "none" else self.pca_dims
-        pcas = self.pcas if self.pca_mode == "fitted" else None
-        return {"fused": fuse(groups, self.weights, self.grid, dims, pcas)}
-
+        return {"fused": self.fuse_maps(self.source_maps(images, **kw))}

@@ -211,6 +211,11 @@ def get_preset(name: str) -> MethodPreset:
     return presets[name]
 
 
+def is_feature_model(preset: ModelPreset | None) -> bool:
+    """Whether a model preset is a plain feature network (DINOv2 through timm), not a diffusion model."""
+    return preset is not None and preset.family == "dinov2"
+
+
 def is_local_or_hub(name: str) -> bool:
     """A local folder, or something shaped like a hub id (``org/name``)."""
     return os.path.isdir(name) or (name.count("/") == 1 and not name.startswith((".", "/")))

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from difffeat.cli import cli, eval_group, extractor_from_options, model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.distributed import dist_info, rank_share
-from difffeat.fusion import fuse, l2_normalize, resample
+from difffeat.fusion import l2_normalize, resample
 from difffeat.heads import matching as M
 from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
                          tensor_to_pil)
@@ -123,18 +123,13 @@ class ImageFeatures:
 
 def _geometry(ex: Any) -> tuple[int | None, str, int]:
     """(resolution, resize policy, size multiple) with which ``ex`` prepares PIL images."""
-    from difffeat.dino import PATCH, DinoExtractor
     from difffeat.fusion import FusedExtractor
 
     if isinstance(ex, FusedExtractor):
-        ex = ex.sources[0]  # the fused grid covers every source's (identical) square canvas
-    res = getattr(ex, "resolution", None)
-    policy = getattr(ex, "resize", "resize") if res else "snap"
-    if hasattr(ex, "backbone"):
-        multiple = ex.backbone.size_multiple
-    else:
-        multiple = PATCH if isinstance(ex, DinoExtractor) else int(getattr(ex, "size_multiple", 1))
-    return res, policy, multiple
+        ex = ex.sources[0]  # the fused grid covers every source's (alike-placed) canvas
+    if not hasattr(ex, "geometry"):  # a custom module with only ``keys``: native size
+        return None, "snap", int(getattr(ex, "size_multiple", 1))
+    return ex.geometry.resolution, ex.geometry.policy, ex.geometry.multiple
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -198,7 +193,7 @@ class CorrespondPipeline:
         kw = {} if prompt is None else {"prompts": [prompt]}
         ex = self.extractor
         if isinstance(ex, FusedExtractor):
-            raw: Any = ex._source_maps([image], **kw)  # fused per pair: co-PCA sees both images
+            raw: Any = ex.source_maps([image], **kw)  # fused per pair: co-PCA sees both images
         else:
             out = ex([image], **kw)
             maps = [out[k] for k in ex.keys]
@@ -217,9 +212,7 @@ class CorrespondPipeline:
         if not isinstance(ex, FusedExtractor):
             return a.raw, b.raw
         groups = [[torch.cat([la, lb]) for la, lb in zip(sa, sb)] for sa, sb in zip(a.raw, b.raw)]
-        dims = None if ex.pca_mode == "none" else ex.pca_dims
-        pcas = ex.pcas if ex.pca_mode == "fitted" else None
-        fused = fuse(groups, ex.weights, ex.grid, dims, pcas)
+        fused = ex.fuse_maps(groups)
         return fused[0], fused[1]
 
     # ---------------------------------------------------------------- matching

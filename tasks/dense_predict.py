@@ -77,16 +77,12 @@ def extractor_for(record: Mapping[str, Any], device: str | None = None, dtype: s
 
 
 def size_multiple(ex: Any) -> int:
-    """Input sizes the extractor accepts are multiples of this."""
-    bb = getattr(ex, "backbone", None)
-    return int(bb.size_multiple) if bb is not None else 14
+    """Input sizes the extractor accepts are multiples of this (its geometry's multiple)."""
+    return int(ex.geometry.multiple)
 
 
 def extractor_device(ex: Any) -> torch.device:
-    bb = getattr(ex, "backbone", None)
-    if bb is not None:
-        return torch.device(bb.device)
-    return torch.device(getattr(ex, "device_", "cpu"))
+    return torch.device(ex.device)
 
 
 # --------------------------------------------------------------------------- predictor
