@@ -127,9 +127,10 @@ def _geometry(ex: Any) -> tuple[int | None, str, int]:
 
     if isinstance(ex, FusedExtractor):
         ex = ex.sources[0]  # the fused grid covers every source's (alike-placed) canvas
-    if not hasattr(ex, "geometry"):  # a custom module with only ``keys``: native size
-        return None, "snap", int(getattr(ex, "size_multiple", 1))
-    return ex.geometry.resolution, ex.geometry.policy, ex.geometry.multiple
+    if hasattr(ex, "geometry"):
+        return ex.geometry.resolution, ex.geometry.policy, ex.geometry.multiple
+    res = getattr(ex, "resolution", None)  # a custom module: its own attributes, else the native size
+    return res, getattr(ex, "resize", "resize") if res else "snap", int(getattr(ex, "size_multiple", 1))
 
 
 # --------------------------------------------------------------------------- pipeline
