@@ -1,14 +1,21 @@
-"""Head checkpoints: ``head.safetensors`` (weights) + ``head.json`` (how to rebuild them).
+"""The one checkpoint format: a folder with ``STEM.safetensors`` (tensors; the JSON also in its
+metadata) and ``STEM.json`` (how to rebuild them). Nothing is pickled.
 
-A checkpoint is a folder::
+Every kind writes it through :func:`write_checkpoint` / :func:`read_checkpoint`: dense heads
+(``head.*``, :func:`save_head`), classification probes (``probe.*``,
+:class:`~difffeat.heads.probe_cls.ProbeClassifier`) and detectors (``detector.*``,
+:func:`~difffeat.heads.dire.save_detector`). The JSON holds ``format``, ``version``, ``kind``,
+the module spec, and under ``backbone.extractor`` the extractor's **whole** ``ex.config``:
+loading rebuilds the extractor with ``difffeat.create(**config)``
+(:func:`rebuild_extractor`), so a default changed after training cannot change what an old
+checkpoint computes. A head checkpoint::
 
-    ckpt/head.safetensors   tensors only (the JSON config is also stored in its metadata)
-    ckpt/head.json          {"format", "version", "head": {kind, args, aggregator},
-                             "feature_info", "backbone": {preset, layers, timesteps, ...},
+    ckpt/head.json          {"format", "version", "kind", "head": {kind, args, aggregator},
+                             "feature_info", "backbone": {preset, layers, timesteps, extractor, ...},
                              "task", "image_size", "classes", "palette", "extra"}
 
-Nothing is pickled. :func:`load_head` refuses a checkpoint trained on other features
-(backbone preset, layers, timesteps, or feature channels) with one
+:func:`check_backbone` refuses a checkpoint trained on other features (preset, layers,
+timesteps, the full extractor config, or feature channels) with one
 :class:`~difffeat.errors.CheckpointMismatchError` line.
 """
 from __future__ import annotations
@@ -29,6 +36,86 @@ from .registry import build_head
 FORMAT = "difffeat.head"
 VERSION = 1
 WEIGHTS, CONFIG = "head.safetensors", "head.json"
+# extractor settings that change speed or placement in memory, not the features a head sees
+RUNTIME_KEYS = ("device", "dtype", "max_batch", "compile", "early_exit", "prompt_cache")
+
+
+# --------------------------------------------------------------------------- the one format
+def write_checkpoint(folder: str | Path, stem: str, fmt: str, version: int, config: Mapping[str, Any],
+                     tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``STEM.safetensors`` (tensors + the config in its metadata) and ``STEM.json`` atomically."""
+    from safetensors.torch import save_file
+
+    cfg = json.loads(json.dumps({"format": fmt, "version": version, **config}, default=json_default))  # fail early
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()} or {"_empty": torch.zeros(1)}
+    with atomic_path(out / f"{stem}.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"config": json.dumps(cfg)})
+    save_json(out / f"{stem}.json", cfg)
+    return out
+
+
+def checkpoint_folder(path: str | Path, stem: str, what: str, hint: str = "") -> Path:
+    """The checkpoint folder of ``path`` (a folder or a file in it); one line if it holds none."""
+    p = Path(path)
+    folder = p.parent if p.suffix in (".json", ".safetensors") else p
+    if not (folder / f"{stem}.safetensors").exists():
+        raise BadInputError(f"no {what} checkpoint at {path} (expected {stem}.safetensors and {stem}.json{hint})")
+    return folder
+
+
+def read_checkpoint(path: str | Path, stem: str, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
+    """The JSON of a checkpoint (from ``STEM.json``, else the safetensors metadata), format-checked."""
+    folder = checkpoint_folder(path, stem, what, hint)
+    try:
+        if (folder / f"{stem}.json").exists():
+            config = json.loads((folder / f"{stem}.json").read_text())
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(folder / f"{stem}.safetensors"), framework="pt") as f:
+                config = json.loads((f.metadata() or {})["config"])
+    except (json.JSONDecodeError, KeyError, OSError) as e:
+        raise BadInputError(f"cannot read {what} config of {path}: {type(e).__name__}: {e}") from None
+    if config.get("format") != fmt:
+        raise BadInputError(f"{folder} is not a difffeat {what} checkpoint (format {config.get('format')!r})")
+    return config
+
+
+def read_tensors(path: str | Path, stem: str, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint (CPU), one line if the file is unreadable."""
+    from safetensors.torch import load_file
+
+    weights = checkpoint_folder(path, stem, what) / f"{stem}.safetensors"
+    try:
+        return load_file(str(weights), device="cpu")
+    except Exception as e:  # safetensors raises its own types
+        raise BadInputError(f"cannot read {what} weights {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def extractor_record(ex: Any) -> dict[str, Any]:
+    """What a checkpoint stores about its extractor: ``ex.config`` whole (empty without one)."""
+    return dict(getattr(ex, "config", None) or {})
+
+
+def rebuild_extractor(record: Mapping[str, Any], device: str | None = None, dtype: str | None = None,
+                      backbone: Any = None, **runtime: Any) -> Any:
+    """The extractor a checkpoint was made with: ``difffeat.create(**record["extractor"])``.
+
+    Only :data:`RUNTIME_KEYS` may change. ``device``/``dtype`` are this machine's (``None`` = the
+    default: CUDA and bf16 when there is a GPU), never the recorded ones; other ``runtime``
+    values of ``None`` keep the recorded ones. ``backbone`` reuses an already loaded backbone.
+    """
+    from difffeat.factory import create
+
+    bad = [k for k in runtime if k not in RUNTIME_KEYS]
+    if bad:
+        raise BadInputError(f"a checkpoint's extractor can change only {', '.join(RUNTIME_KEYS)} (got {', '.join(bad)})")
+    cfg = {**record["extractor"], **{k: v for k, v in runtime.items() if v is not None}, "device": device, "dtype": dtype}
+    if backbone is not None:
+        cfg.update(backbone=backbone, device=None, dtype=None)
+    return create(**cfg)
 
 
 @dataclass
@@ -67,14 +154,11 @@ def save_head(
     ``backbone`` names the features the head was trained on: ``preset``, ``layers``,
     ``timesteps`` (and any extractor options worth recording, e.g. ``ensemble``).
     """
-    from safetensors.torch import save_file
-
     spec = getattr(head, "spec", None)
     if spec is None:
         raise BadInputError("only heads made by difffeat.heads.build_head can be saved (no .spec)")
     config = {
-        "format": FORMAT,
-        "version": VERSION,
+        "kind": "dense-head",
         "head": {"kind": spec["kind"], "args": spec["args"], "aggregator": spec["aggregator"]},
         "feature_info": spec["feature_info"],
         "backbone": dict(backbone),
@@ -84,45 +168,31 @@ def save_head(
         "palette": None if palette is None else [list(map(int, c)) for c in palette],
         "extra": dict(extra or {}),
     }
-    config = json.loads(json.dumps(config, default=json_default))  # fail early if not JSON-able
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-    with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"config": json.dumps(config)})
-    save_json(folder / CONFIG, config)
-    return folder
+    return write_checkpoint(path, WEIGHTS.split(".")[0], FORMAT, VERSION, config, head.state_dict())
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The JSON config of a checkpoint folder (or of its ``.safetensors``/``.json`` file)."""
-    weights, cfg_path = _locate(path)
-    try:
-        if cfg_path.exists():
-            config = json.loads(cfg_path.read_text())
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as f:
-                config = json.loads((f.metadata() or {})["config"])
-    except (json.JSONDecodeError, KeyError, OSError) as e:
-        raise BadInputError(f"cannot read head config of {path}: {type(e).__name__}: {e}") from None
-    if config.get("format") != FORMAT:
-        raise BadInputError(f"{cfg_path} is not a difffeat head checkpoint (format {config.get('format')!r})")
-    return config
+    return read_checkpoint(path, WEIGHTS.split(".")[0], FORMAT, "head")
 
 
 def check_backbone(config: Mapping[str, Any], expect: Mapping[str, Any], where: str = "checkpoint") -> None:
     """Raise :class:`CheckpointMismatchError` if ``expect`` disagrees with the checkpoint.
 
-    ``expect`` may give ``preset``, ``layers``, ``timesteps`` and/or ``feature_info``;
-    only the keys given are compared.
+    ``expect`` may give ``preset``, ``layers``, ``timesteps``, ``extractor`` (an ``ex.config``,
+    compared key by key except :data:`RUNTIME_KEYS`) and/or ``feature_info``; only the keys
+    given are compared.
     """
     have = config.get("backbone", {})
     diffs = []
     for key in ("preset", "layers", "timesteps"):
         if key in expect and expect[key] is not None and _norm(expect[key]) != _norm(have.get(key)):
             diffs.append(f"{key} {have.get(key)!r} (got {expect[key]!r})")
+    if expect.get("extractor") and have.get("extractor"):  # the full extractor config, runtime keys aside
+        mine, theirs = have["extractor"], expect["extractor"]
+        for key in sorted(set(mine) | set(theirs)):
+            if key not in RUNTIME_KEYS and _norm(mine.get(key)) != _norm(theirs.get(key)):
+                diffs.append(f"{key} {mine.get(key)!r} (got {theirs.get(key)!r})")
     if "feature_info" in expect and expect["feature_info"] is not None:
         want = [(str(f["name"]), int(f["channels"])) for f in expect["feature_info"]]
         got = [(str(f["name"]), int(f["channels"])) for f in config.get("feature_info", [])]
@@ -145,29 +215,17 @@ def load_head(
     ``expect_backbone``: see :func:`check_backbone`; a mismatch raises
     :class:`CheckpointMismatchError` before any weights are read.
     """
-    from safetensors.torch import load_file
-
-    weights, _ = _locate(path)
     config = read_config(path)
     if expect_backbone is not None:
         check_backbone(config, expect_backbone, where=str(path))
     spec = config["head"]
     head = build_head(spec["kind"], config["feature_info"], aggregator=spec.get("aggregator"), **spec.get("args", {}))
+    state = read_tensors(path, WEIGHTS.split(".")[0], "head")
     try:
-        state = load_file(str(weights), device="cpu")
         head.load_state_dict(state, strict=True)
-    except Exception as e:  # safetensors / shape errors
-        raise BadInputError(f"cannot load head weights {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # shape errors
+        raise BadInputError(f"cannot load head weights of {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return LoadedHead(head.to(device).eval(), config)
-
-
-def _locate(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    folder = p.parent if p.suffix in (".safetensors", ".json") else p
-    weights, cfg = folder / WEIGHTS, folder / CONFIG
-    if not weights.exists():
-        raise BadInputError(f"no head checkpoint at {path} (expected {WEIGHTS} and {CONFIG} in that folder)")
-    return weights, cfg
 
 
 def _norm(v: Any) -> Any:

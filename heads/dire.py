@@ -51,6 +51,7 @@ from difffeat.backbone import DiffusionBackbone
 from difffeat.errors import BadInputError
 from difffeat.io import atomic_path, json_default, pil_to_tensor, save_json, save_png
 
+from .checkpoint import read_checkpoint, read_tensors, write_checkpoint
 from .ddim import SPACINGS, check_ddim_support, default_conditioning, invert_and_reconstruct
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -363,53 +364,30 @@ def calibrate(real: Sequence[float] | np.ndarray, fake: Sequence[float] | np.nda
 
 # --------------------------------------------------------------------------- checkpoints
 FORMAT, VERSION = "difffeat.detector", 1
-WEIGHTS, CONFIG = "detector.safetensors", "detector.json"
+STEM = "detector"  # detector.safetensors + detector.json
+WEIGHTS, CONFIG = f"{STEM}.safetensors", f"{STEM}.json"
 KINDS = ("dire-classifier", "pooled-features", "training-free")
 
 
 def save_detector(folder: str | os.PathLike, config: Mapping[str, Any], module: nn.Module | None = None) -> Path:
-    """Write ``detector.json`` (+ ``detector.safetensors`` with the module's weights)."""
-    from safetensors.torch import save_file
-
+    """Write ``detector.json`` (+ ``detector.safetensors`` with the module's weights; the one checkpoint format)."""
     if config.get("kind") not in KINDS:
         raise BadInputError(f"unknown detector kind {config.get('kind')!r}; valid: {', '.join(KINDS)}")
-    cfg = json.loads(json.dumps({"format": FORMAT, "version": VERSION, **config}, default=json_default))
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {} if module is None else {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    if not state:  # safetensors needs one tensor; training-free detectors have no weights
-        state = {"_empty": torch.zeros(1)}
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"config": json.dumps(cfg)})
-    save_json(out / CONFIG, cfg)
-    return out
+    return write_checkpoint(folder, STEM, FORMAT, VERSION, config, {} if module is None else module.state_dict())
 
 
 def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a detector checkpoint folder (or of a file in it)."""
-    p = Path(folder)
-    p = p.parent if p.suffix in (".json", ".safetensors") else p
-    if not (p / CONFIG).exists() or not (p / WEIGHTS).exists():
-        raise BadInputError(f"no detector checkpoint at {folder} (expected {CONFIG} and {WEIGHTS}; make one with `difffeat train dire`)")
-    try:
-        cfg = json.loads((p / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise BadInputError(f"cannot read {p / CONFIG}: {e}") from None
-    if cfg.get("format") != FORMAT:
-        raise BadInputError(f"{p} is not a difffeat detector checkpoint (format {cfg.get('format')!r})")
-    return cfg
+    return read_checkpoint(folder, STEM, FORMAT, "detector", "; make one with `difffeat train dire`")
 
 
 def load_detector_weights(folder: str | os.PathLike, module: nn.Module) -> nn.Module:
     """Load the checkpoint's tensors into ``module`` (strict) and return it in eval mode."""
-    from safetensors.torch import load_file
-
-    p = Path(folder)
-    p = p.parent if p.suffix in (".json", ".safetensors") else p
+    state = read_tensors(folder, STEM, "detector")
     try:
-        module.load_state_dict(load_file(str(p / WEIGHTS), device="cpu"), strict=True)
+        module.load_state_dict(state, strict=True)
     except Exception as e:
-        raise BadInputError(f"cannot load detector weights {p / WEIGHTS}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise BadInputError(f"cannot load detector weights of {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return module.eval()
 
 

@@ -19,7 +19,6 @@ cosine similarity, k = 20 neighbours, votes weighted by ``exp(sim / 0.07)``.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -30,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from difffeat.errors import BadInputError, CheckpointMismatchError
-from difffeat.io import atomic_path, save_json
 
-from .checkpoint import check_backbone
+from .checkpoint import check_backbone, read_checkpoint, read_tensors, write_checkpoint
 
 FORMAT, VERSION = "difffeat.probe-cls", 1
-WEIGHTS, CONFIG = "probe.safetensors", "probe.json"
+STEM = "probe"  # probe.safetensors + probe.json
+WEIGHTS, CONFIG = f"{STEM}.safetensors", f"{STEM}.json"
 SKLEARN_MAX_ELEMENTS = 20_000_000  # N·D up to which "auto" uses scikit-learn
 
 
@@ -212,29 +211,20 @@ class ProbeClassifier:
         raise BadInputError(f"this probe checkpoint has no {kind!r} probe")
 
     def save(self, path: str | Path) -> Path:
-        """Write ``probe.safetensors`` + ``probe.json`` into the folder ``path``."""
-        from safetensors.torch import save_file
-
+        """Write ``probe.safetensors`` + ``probe.json`` into the folder ``path`` (the one checkpoint format)."""
         tensors: dict[str, torch.Tensor] = {}
         if self.linear is not None:
             tensors.update({f"linear.{k}": v.detach().float().cpu().contiguous() for k, v in self.linear.state_dict().items()})
         if self.knn is not None:
             tensors["knn.features"] = self.knn.features.half().contiguous()
             tensors["knn.labels"] = self.knn.labels.contiguous()
-        dim = self._dim()
         config = {
-            "format": FORMAT, "version": VERSION, "classes": self.classes, "backbone": self.backbone,
-            "feature_dim": dim,
+            "kind": "probe", "classes": self.classes, "backbone": self.backbone, "feature_dim": self._dim(),
             "linear": None if self.linear is None else {"classes": len(self.classes)},
             "knn": None if self.knn is None else {"k": self.knn.k, "temperature": self.knn.temperature},
             "metrics": self.metrics,
         }
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file(tensors, str(tmp), metadata={"config": json.dumps(config)})
-        save_json(folder / CONFIG, config)
-        return folder
+        return write_checkpoint(path, STEM, FORMAT, VERSION, config, tensors)
 
     def _dim(self) -> int:
         if self.linear is not None:
@@ -245,24 +235,10 @@ class ProbeClassifier:
     def load(cls, path: str | Path, expect_backbone: Mapping[str, Any] | None = None) -> "ProbeClassifier":
         """Read a probe folder; ``expect_backbone`` (preset/layers/timesteps) must match or
         :class:`CheckpointMismatchError` is raised."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        folder = folder.parent if folder.suffix in (".json", ".safetensors") else folder
-        if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
-            raise BadInputError(f"no probe checkpoint at {path} (expected {WEIGHTS} and {CONFIG})")
-        try:
-            config = json.loads((folder / CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise BadInputError(f"cannot read {folder / CONFIG}: {e}") from None
-        if config.get("format") != FORMAT:
-            raise BadInputError(f"{folder} is not a difffeat probe checkpoint (format {config.get('format')!r})")
+        config = read_checkpoint(path, STEM, FORMAT, "probe")
         if expect_backbone is not None:
-            check_backbone(config, expect_backbone, where=str(folder))
-        try:
-            t = load_file(str(folder / WEIGHTS))
-        except Exception as e:  # safetensors raises its own types
-            raise BadInputError(f"cannot read {folder / WEIGHTS}: {e}") from None
+            check_backbone(config, expect_backbone, where=str(path))
+        t = read_tensors(path, STEM, "probe")
         classes, dim = list(config["classes"]), int(config["feature_dim"])
         linear = None
         if config.get("linear") is not None:

@@ -399,10 +399,13 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
         cfg = probe.backbone
         import difffeat
 
-        ex = difffeat.create(cfg["preset"], layers=cfg["layers"], timesteps=cfg["timesteps"], ensemble=cfg.get("ensemble"),
-                             noise=cfg.get("noise"), seed=int(cfg.get("seed", 0)), prompt=cfg.get("prompt"),
-                             resolution=cfg.get("resolution"), resize=cfg.get("resize"), dtype=dtype, device=device,
-                             max_batch=max_batch, compile=compile_, random_weights=random_weights)
+        from difffeat.heads.checkpoint import rebuild_extractor
+
+        ex = rebuild_extractor(cfg, device=device, dtype=dtype, max_batch=max_batch, compile=compile_) if cfg.get("extractor") \
+            else difffeat.create(cfg["preset"], layers=cfg["layers"], timesteps=cfg["timesteps"], ensemble=cfg.get("ensemble"),
+                                 noise=cfg.get("noise"), seed=int(cfg.get("seed", 0)), prompt=cfg.get("prompt"),
+                                 resolution=cfg.get("resolution"), resize=cfg.get("resize"), dtype=dtype, device=device,
+                                 max_batch=max_batch, compile=compile_, random_weights=random_weights)
         predict, names, zero_shot, batch = probe_predictor(probe, ex, probe_kind), probe.classes, False, 8
     else:
         clf, res = build_zero_shot(model, preset, class_list, sorted(set(labels)) if evaluate else None, template,
@@ -556,7 +559,8 @@ def backbone_record(model: str | None, ex: Any, pool: int) -> dict[str, Any]:
     return {"preset": model_id(model or DEFAULT_MODEL), "layers": list(getattr(ex, "layers", [])),
             "timesteps": list(getattr(ex, "timesteps", [0])), "ensemble": getattr(ex, "ensemble", 1),
             "noise": getattr(ex, "noise", None), "seed": getattr(ex, "seed", 0), "prompt": getattr(ex, "prompt", None),
-            "resolution": getattr(ex, "resolution", None), "resize": getattr(ex, "resize", None), "pool": int(pool)}
+            "resolution": getattr(ex, "resolution", None), "resize": getattr(ex, "resize", None), "pool": int(pool),
+            "extractor": dict(ex.config)}
 
 
 def probe_options(f: Callable[..., Any]) -> Callable[..., Any]:

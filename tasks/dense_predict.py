@@ -67,8 +67,13 @@ def autocast(device: torch.device, enabled: bool = True) -> Any:
 
 def extractor_for(record: Mapping[str, Any], device: str | None = None, dtype: str | None = None,
                   max_batch: int = 16, compile: bool = False) -> Any:
-    """The feature extractor a head was trained on, from its checkpoint's backbone record."""
+    """The feature extractor a head was trained on, from its checkpoint's backbone record
+    (its whole ``ex.config``; checkpoints older than that record only the main settings)."""
     from difffeat.factory import create
+    from difffeat.heads.checkpoint import rebuild_extractor
+
+    if record.get("extractor"):
+        return rebuild_extractor(record, device=device, dtype=dtype, max_batch=max_batch, compile=compile)
 
     kw = {k: record[k] for k in ("layers", "timesteps", "ensemble", "noise", "seed", "prompt", "resolution") if record.get(k) is not None}
     if "timesteps" in kw and not kw["timesteps"]:

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, rank_device, rank_share, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
+from difffeat.heads.checkpoint import extractor_record
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
 
 from .dense_config import config_diff
@@ -87,6 +88,7 @@ def backbone_record(backbone: Mapping[str, Any], ex: Any) -> dict[str, Any]:
     rec["preset"] = os.path.abspath(model) if os.path.isdir(model) else model
     rec["layers"] = list(getattr(ex, "layers", backbone.get("layers") or []))
     rec["timesteps"] = [int(t) for t in getattr(ex, "timesteps", None) or []]
+    rec["extractor"] = extractor_record(ex)  # ex.config whole: loading rebuilds exactly this extractor
     return rec
 
 

@@ -143,8 +143,8 @@ class Detector:
 
 def _backbone_record(bb: Any, extractor: Any = None) -> dict[str, Any]:
     rec = {"preset": bb.name, "source": bb.source, "layers": None, "timesteps": None}
-    if extractor is not None:
-        rec.update(layers=list(extractor.layers), timesteps=list(extractor.timesteps))
+    if extractor is not None:  # ex.config whole: loading rebuilds exactly this extractor
+        rec.update(layers=list(extractor.layers), timesteps=list(extractor.timesteps), extractor=dict(extractor.config))
     return rec
 
 
@@ -222,8 +222,11 @@ def load_detector(path: str | os.PathLike, model: str | None = None, dtype: str 
     if kind == "pooled-features":
         import difffeat
 
-        ex = difffeat.create(bb.source, backbone=bb, layers=rec["layers"], timesteps=rec["timesteps"],
-                             resolution=cfg["resolution"], resize="resize", seed=int(cfg.get("seed", 0)))
+        from difffeat.heads.checkpoint import rebuild_extractor
+
+        ex = rebuild_extractor(rec, backbone=bb) if rec.get("extractor") else difffeat.create(
+            bb.source, backbone=bb, layers=rec["layers"], timesteps=rec["timesteps"], resolution=cfg["resolution"],
+            resize="resize", seed=int(cfg.get("seed", 0)))
         head = load_detector_weights(path, PooledFeatureHead(ex.feature_info)).to(bb.device)
         return Detector(cfg, cfg["resolution"], cfg.get("resize", "resize"), bb=bb, extractor=ex, head=head)
     settings = DireSettings.from_dict(cfg["dire"])

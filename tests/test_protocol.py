@@ -169,3 +169,36 @@ def test_extract_fusion_preset_on_a_folder(tiny_sd_dir: Path, dino_weights: str,
     feats, meta = difffeat.io.load_features(tmp_path / "o2" / "a.safetensors")
     assert list(feats) == ["fused"] and feats["fused"].shape == (32 + 32 + 16 + 384, 8, 8)
     assert meta["model"] == "tiny-sd-dino-nopca"
+
+
+def test_a_default_changed_after_training_does_not_change_a_loaded_checkpoint(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from difffeat.errors import CheckpointMismatchError
+    from difffeat.heads import build_head, save_head
+    from difffeat.heads.checkpoint import check_backbone, read_config
+    from difffeat.registry import MODELS, ModelPreset
+    from difffeat.tasks.dense_predict import DensePredictor
+    from difffeat.tasks.dense_train import backbone_record
+
+    MODELS["tiny-sd-ckpt"] = ModelPreset("tiny-sd-ckpt", str(tiny_sd_dir), "sd", 64, ("up.1",), (100,), 2)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    try:
+        ex = difffeat.create("tiny-sd-ckpt", dtype="fp32", device="cpu")  # layers, t, ensemble: the preset's defaults
+        head = build_head("probe", ex.feature_info, num_outputs=3)
+        save_head(head, tmp_path / "ckpt", backbone=backbone_record({"model": "tiny-sd-ckpt", "resolution": 64}, ex),
+                  task="seg", image_size=64)
+        want = ex(x)["up.1"]
+        MODELS["tiny-sd-ckpt"] = replace(MODELS["tiny-sd-ckpt"], layers=("up.2",), timesteps=(600,), ensemble=1)
+        changed = difffeat.create("tiny-sd-ckpt", layers=["up.1"], dtype="fp32", device="cpu")
+        assert not torch.allclose(changed(x)["up.1"], want)  # the new defaults do change fresh extractors
+        loaded = DensePredictor.from_checkpoint(tmp_path / "ckpt", device="cpu", dtype="fp32")
+        assert (loaded.ex.layers, loaded.ex.timesteps, loaded.ex.ensemble) == (["up.1"], [100], 2)
+        assert torch.equal(loaded.ex(x)["up.1"], want)
+        cfg = read_config(tmp_path / "ckpt")
+        assert cfg["kind"] == "dense-head" and cfg["backbone"]["extractor"] == ex.config
+        with pytest.raises(CheckpointMismatchError, match="ensemble 2"):
+            check_backbone(cfg, {"extractor": {**ex.config, "ensemble": 4, "device": "cuda"}})
+        check_backbone(cfg, {"extractor": {**ex.config, "device": "cuda:1", "max_batch": 64}})  # runtime keys may differ
+    finally:
+        MODELS.pop("tiny-sd-ckpt", None)
