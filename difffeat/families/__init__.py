@@ -27,9 +27,4 @@ def family_of(denoiser: nn.Module, source: str = "") -> type[Family]:
     raise DiffFeatError(f"unsupported denoiser class {type(denoiser).__name__} in {source or 'this model'}")
 
 
-def compile_targets() -> set[str]:
-    """Every family's compile-target block class names."""
-    return {name for fam in FAMILIES for name in fam.compile_targets}
-
-
-__all__ = ["FAMILIES", "Family", "TextFamily", "ClassFamily", "family_of", "compile_targets"]
+__all__ = ["FAMILIES", "Family", "TextFamily", "ClassFamily", "family_of"]
