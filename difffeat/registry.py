@@ -156,34 +156,58 @@ def _config_root() -> Path:
         return Path(__file__).resolve().parent.parent / "configs"
 
 
+def read_yaml(path: str | os.PathLike) -> Any:
+    """One YAML file, parsed safely (one line naming the file if it does not parse)."""
+    from .errors import BadInputError
+
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise BadInputError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _config_files() -> tuple[tuple[Path, Any], ...]:
+    """Every YAML under configs/ with its parsed content (None if it does not parse), read once."""
+    out = []
+    for path in sorted(_config_root().rglob("*.yaml")):
+        try:
+            out.append((path, yaml.safe_load(path.read_text()) or {}))
+        except yaml.YAMLError:
+            out.append((path, None))
+    return tuple(out)
+
+
+def presets_with(section: str, folder: str | None = None) -> dict[str, dict[str, Any]]:
+    """{name: YAML} of the configs with a top-level ``name`` and ``section`` (e.g. ``detect``),
+    optionally only those under ``configs/FOLDER``: the one preset loader every task uses."""
+    root = _config_root() / folder if folder else _config_root()
+    return {str(d["name"]): d for p, d in _config_files()
+            if isinstance(d, dict) and "name" in d and section in d and root in p.parents}
+
+
 @functools.lru_cache(maxsize=1)
 def method_presets() -> dict[str, MethodPreset]:
     """All YAML method presets (files with top-level ``name`` and ``extract`` keys)."""
-    out: dict[str, MethodPreset] = {}
-    for path in sorted(_config_root().rglob("*.yaml")):
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            continue
-        if isinstance(data, dict) and "name" in data and "extract" in data:
-            out[str(data["name"])] = MethodPreset(
-                str(data["name"]), str(data.get("task", "")), str(path), dict(data["extract"]), data
-            )
-    return out
+    paths = {str(d["name"]): p for p, d in _config_files() if isinstance(d, dict) and "name" in d and "extract" in d}
+    return {n: MethodPreset(n, str(d.get("task", "")), str(paths[n]), dict(d["extract"]), d)
+            for n, d in presets_with("extract").items()}
+
+
+def task_preset(name: str, task: str, prefix: str = "") -> MethodPreset:
+    """A method preset of ``task`` by name, or by short name without ``prefix`` (``cifar10`` for ``dc-cifar10``)."""
+    presets = {n: p for n, p in method_presets().items() if p.task == task}
+    for cand in (name, f"{prefix}{name}"):
+        if cand in presets:
+            return presets[cand]
+    raise one_of(f"{task} preset", name, list(presets))
 
 
 def task_configs() -> list[tuple[Path, dict[str, Any]]]:
     """The YAML files under ``configs/`` that are not method presets: a task command's own
     settings (``detect --preset``, ``train seg --config``), each with a top-level ``task``."""
     presets = {Path(p.path) for p in method_presets().values()}
-    out = []
-    for path in sorted(_config_root().rglob("*.yaml")):
-        if path in presets:
-            continue
-        data = yaml.safe_load(path.read_text()) or {}
-        if isinstance(data, dict) and "task" in data:
-            out.append((path, data))
-    return out
+    return [(p, d) for p, d in _config_files() if p not in presets and isinstance(d, dict) and "task" in d]
 
 
 def list_models(pattern: str = "*") -> list[str]:

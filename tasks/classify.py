@@ -65,13 +65,9 @@ def parse_classes(classes: str | None, classes_file: Path | None) -> list[str] |
 
 def classify_preset(name: str) -> dict[str, Any]:
     """The raw YAML of a classify method preset, by name (``dc-cifar10``) or short name (``cifar10``)."""
-    from difffeat.registry import method_presets
+    from difffeat.registry import task_preset
 
-    presets = {n: p for n, p in method_presets().items() if p.task == "classify"}
-    for cand in (name, f"dc-{name}"):
-        if cand in presets:
-            return presets[cand].raw
-    raise one_of("classify preset", name, list(presets))
+    return task_preset(name, "classify", prefix="dc-").raw
 
 
 def center_crop_tensor(img: Image.Image, size: int) -> torch.Tensor:

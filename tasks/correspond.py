@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from difffeat.cli import cli, eval_group, extractor_from_options, model_options
+from difffeat.cli import cli, eval_group, model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.distributed import dist_info, rank_share
 from difffeat.fusion import l2_normalize, resample
@@ -308,24 +308,16 @@ def build_pipeline(preset: str | None = "dift", *, matching: dict[str, Any] | No
             raise BadInputError(f"preset {p.name!r} fuses several models with fixed settings; "
                                 f"drop --{given[0].replace('_', '-')} or use a single-model preset")
 
-        def factory() -> Any:
-            from difffeat.factory import create
+    def factory() -> Any:  # options over the preset over the model's defaults: create's one precedence
+        from difffeat.distributed import rank_device
+        from difffeat.factory import create
 
-            return create(p.name, dtype=opts["dtype"], device=opts["device"])
-    else:
-        ext = dict(p.extract)
-        merged = dict(opts)
-        merged["model"] = opts["model"] or ext.get("model")
-        merged["layers"] = tuple(opts["layers"]) or tuple(ext.get("layers", ()))
-        merged["timesteps"] = tuple(opts["timesteps"]) or tuple(ext.get("timesteps", ()))
-        for k in ("ensemble", "noise", "resolution", "resize", "prompt"):
-            merged[k] = opts[k] if opts[k] is not None else ext.get(k)
+        return create(p.name, model=opts["model"], layers=list(opts["layers"]) or None,
+                      timesteps=list(opts["timesteps"]) or None, ensemble=opts["ensemble"], prompt=opts["prompt"],
+                      noise=opts["noise"], seed=opts["seed"], resolution=opts["resolution"], resize=opts["resize"],
+                      dtype=opts["dtype"], device=rank_device(opts["device"]), max_batch=opts["max_batch"],
+                      compile=opts["compile_"])
 
-        def factory() -> Any:
-            ex = extractor_from_options(**merged)
-            if ext.get("latent") and hasattr(ex, "latent"):
-                ex.latent = ext["latent"]
-            return ex
     return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=opts["prompt"],
                               name=p.name, preset=p.raw, factory=factory)
 

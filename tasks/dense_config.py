@@ -32,7 +32,9 @@ def default_config(task: str) -> dict[str, Any]:
     """The packaged defaults of ``task``."""
     if task not in TASKS:
         raise one_of("task", task, TASKS)
-    return yaml.safe_load((_config_dir() / f"{task}.yaml").read_text())
+    from difffeat.registry import read_yaml
+
+    return read_yaml(_config_dir() / f"{task}.yaml")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -100,10 +102,9 @@ def load_train_config(task: str, config_file: str | Path | None = None, override
         path = Path(config_file)
         if not path.exists():
             raise BadInputError(f"config file not found: {path}")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise BadInputError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+        from difffeat.registry import read_yaml
+
+        user = read_yaml(path) or {}
         if not isinstance(user, dict):
             raise BadInputError(f"{path} must be a YAML mapping")
         if user.get("task", task) != task:

@@ -18,14 +18,12 @@ import io
 import json
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import click
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
@@ -34,6 +32,7 @@ from difffeat.cli import cli, eval_group, train
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
 from difffeat.heads.checkpoint import check_backbone
+from difffeat.presets import precedence
 from difffeat.heads.dire import (
     Calibration, DireClassifier, DireSettings, PooledFeatureHead, build_resnet, calibrate,
     check_resolution, compute_dire, fit_binary, fit_square, load_detector_weights, map_batches, read_detector_config,
@@ -46,14 +45,10 @@ SCORES = ("dire", "dire-latent", "aeroblade")
 
 # --------------------------------------------------------------------------- presets
 def detect_presets() -> dict[str, dict[str, Any]]:
-    """Presets in configs/detect/*.yaml: {name: parsed YAML}."""
-    root = Path(str(resources.files("difffeat.configs"))) / "detect"
-    out = {}
-    for p in sorted(root.glob("*.yaml")):
-        data = yaml.safe_load(p.read_text()) or {}
-        if isinstance(data, dict) and "name" in data and "detect" in data:
-            out[str(data["name"])] = data
-    return out
+    """Presets in configs/detect/*.yaml: {name: parsed YAML} (the registry's one preset loader)."""
+    from difffeat.registry import presets_with
+
+    return presets_with("detect", "detect")
 
 
 def get_detect_preset(name: str) -> dict[str, Any]:
@@ -190,7 +185,7 @@ def detector_from_preset(name: str, model: str | None = None, *, dire: Mapping[s
                "backbone": {"preset": "aeroblade", "autoencoders": [a.name for a in aes], "layers": None, "timesteps": None},
                "distance": {"name": p.get("distance", "vgg16-layer2"), "pretrained": dist.pretrained}}
         return Detector(cfg, size, cfg["resize"], autoencoders=aes, distance=dist, calibration=calibration, score=score)
-    settings = DireSettings.from_dict({**p.get("dire", {}), **(dire or {})})
+    settings = DireSettings.from_dict(precedence(dire, p.get("dire")))  # options over the preset
     bb = _load_bb(_model_of(get_detect_preset(name), model), dtype, device)
     cfg = {"preset": name, "score": score, "dire": settings.to_dict(), "backbone": _backbone_record(bb)}
     return Detector(cfg, settings.resolution, settings.resize, bb=bb, settings=settings, calibration=calibration, score=score)
