@@ -1,5 +1,9 @@
 """The one extraction path: forward hooks on a diffusion denoiser.
 
+:class:`FeatureExtractor` honours :class:`difffeat.protocol.Extractor` (keys, feature_info,
+geometry, prepare, device, config); family specifics (layer names, token streams, compile
+targets) come from the backbone's adapter (:mod:`difffeat.families`).
+
 Protocol (DIFT, Tang et al. 2023, generalised): encode each image with the VAE **once**,
 draw ``ensemble`` latents from its posterior (or use its mean), noise each to every
 requested timestep, run the denoiser on all (image, timestep, ensemble) rows in large

@@ -202,3 +202,20 @@ def test_a_default_changed_after_training_does_not_change_a_loaded_checkpoint(ti
         check_backbone(cfg, {"extractor": {**ex.config, "device": "cuda:1", "max_batch": 64}})  # runtime keys may differ
     finally:
         MODELS.pop("tiny-sd-ckpt", None)
+
+
+def test_family_knowledge_lives_only_in_the_adapters() -> None:
+    """A new family is one file in difffeat/families + a registry entry: no other core module
+    switches on a family name or a family's denoiser/block class."""
+    import re
+
+    import difffeat.families as fam
+
+    root = Path(difffeat.__file__).parent
+    names = [f.name for f in fam.FAMILIES]
+    pattern = re.compile(r"family\s*(==|!=|in)\s|[\"'](%s|UNet2DConditionModel|UNet2DModel|SD3Transformer2DModel|"
+                         r"PixArtTransformer2DModel|DiTTransformer2DModel|JointTransformerBlock)[\"']" % "|".join(names))
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if "families" not in p.parts and p.name != "registry.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+    assert sorted(names) == ["dit", "pixart", "pixel", "sd", "sd3", "sdxl"]

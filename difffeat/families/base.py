@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..components import ModelParts
+from ..components import TEXT_ENCODER_KEYS, ModelParts, is_t5
 from ..conditioning import batch_rows
 from ..errors import BadInputError, DiffFeatError
 from ..layers import layer_modules
@@ -107,8 +107,6 @@ class TextFamily(Family):
     embed_dim_key: ClassVar[str] = "cross_attention_dim"
 
     def clip_keys(self) -> list[str]:
-        from ..components import TEXT_ENCODER_KEYS, is_t5
-
         encs = self.parts.text_encoders()
         keys = [k for k in TEXT_ENCODER_KEYS if k in encs and not is_t5(encs[k])]
         if not keys:
