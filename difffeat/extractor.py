@@ -197,7 +197,8 @@ class FeatureExtractor(nn.Module):
                 "prompt": self.prompt, "class_label": self.class_label, "resolution": self.resolution,
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
-                "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random}
+                "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
+                "prompt_cache": bb.prompt_cache_dir}
 
     @property
     def device(self) -> torch.device:
