@@ -48,29 +48,6 @@ class _StopForward(Exception):
     """Raised inside the deepest requested layer's hook to end the forward early."""
 
 
-def as_map(output: Any, latent_hw: tuple[int, int], patch: int, unpatchify: bool = False) -> torch.Tensor:
-    """A hooked module's output as a [B, C, h, w] tensor (tuples -> first; tokens -> map).
-
-    Tokens [B, h*w, C] (row-major over the h x w patch grid, h = H_latent / patch) become
-    [B, C, h, w]. With ``unpatchify`` (the transformers' ``final`` projection, C = p*p*C_out)
-    they become [B, C_out, h*p, w*p] exactly as diffusers unpatchifies the model output.
-    """
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if hasattr(output, "sample"):
-        output = output.sample
-    if output.dim() == 3:  # tokens [B, N, C] -> [B, C, h, w]
-        h, w = latent_hw[0] // patch, latent_hw[1] // patch
-        b, n, c = output.shape
-        if n != h * w:
-            raise RuntimeError(f"cannot reshape {n} tokens to a {h}x{w} grid")
-        if unpatchify and patch > 1:
-            x = output.reshape(b, h, w, patch, patch, c // (patch * patch))
-            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * patch, w * patch)
-        output = output.transpose(1, 2).reshape(b, c, h, w)
-    return output
-
-
 class FeatureExtractor(nn.Module):
     """Multi-layer, multi-timestep, ensemble-averaged diffusion features.
 
@@ -321,12 +298,12 @@ class FeatureExtractor(nn.Module):
         last = max(anchors, key=lambda n: order[n][0]) if self.early_exit else None
         wanted = {n for n in self.layers if n in self._modules_by_name}  # feature outputs
         hw = (x_t.shape[-2], x_t.shape[-1])
-        patch, stream = self.backbone.patch_size, self.backbone.adapter.image_stream
+        feature_map = self.backbone.adapter.feature_map
 
         def make_hook(name: str):  # type: ignore[no-untyped-def]
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 if name in wanted:
-                    captured[name] = as_map(stream(module, output), hw, patch, unpatchify=name == "final")
+                    captured[name] = feature_map(name, module, output, hw)
                 if name == last:
                     raise _StopForward
 
@@ -371,7 +348,7 @@ def probe_layers(bb: DiffusionBackbone, attention: AttentionCapture | None = Non
     channels = number of keys (text tokens for cross), stride of the query grid.
     """
     mods = bb.layer_modules()
-    patch, stream = bb.patch_size, bb.adapter.image_stream
+    patch, feature_map = bb.patch_size, bb.adapter.feature_map
     # UNets: the smallest size every block accepts; transformers: a 4x4 token grid
     # (DiT/PixArt recompute their sin-cos grid, SD3 crops its table: any size works)
     side = 2 * bb.latent_multiple if hasattr(bb.denoiser, "down_blocks") else 4 * patch
@@ -380,7 +357,7 @@ def probe_layers(bb: DiffusionBackbone, attention: AttentionCapture | None = Non
 
     def make_hook(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            f = as_map(stream(module, output), hw, patch, unpatchify=name == "final")
+            f = feature_map(name, module, output, hw)
             stride = bb.latent_scale * side // f.shape[-1]
             seen[name] = (len(seen), (int(f.shape[1]), int(stride)))
 

@@ -20,7 +20,8 @@ A layer's output is always read as a tensor: tuples yield their first element, w
 the hidden state for every diffusers block except SD3's ``JointTransformerBlock``, whose
 ``(text, image)`` pair yields the **image** stream (the SD3 adapter's ``image_stream``,
 :mod:`difffeat.families.sd3`). Token outputs
-``[B, h*w, C]`` are reshaped to ``[B, C, h, w]`` by the extractor, h and w being the latent
+``[B, h*w, C]`` are reshaped to ``[B, C, h, w]`` (:func:`as_map`, through the family
+adapter's ``feature_map``), h and w being the latent
 size divided by the patch size; ``final`` is unpatchified like the model's own output,
 to ``[B, C_out, H_latent, W_latent]`` (DiT/PixArt with learned sigma keep both halves:
 2 x latent channels).
@@ -46,6 +47,9 @@ renormalised (see :mod:`difffeat.attention`).
 """
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 
@@ -99,3 +103,26 @@ def layer_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
 def block_level(names: list[str]) -> list[str]:
     """The coarse names (down.i, mid, up.i, block.i, ...) for short error messages."""
     return [n for n in names if n.count(".") <= 1]
+
+
+def as_map(output: Any, latent_hw: tuple[int, int], patch: int, unpatchify: bool = False) -> torch.Tensor:
+    """A hooked module's output as a [B, C, h, w] tensor (tuples -> first; tokens -> map).
+
+    Tokens [B, h*w, C] (row-major over the h x w patch grid, h = H_latent / patch) become
+    [B, C, h, w]. With ``unpatchify`` (the transformers' ``final`` projection, C = p*p*C_out)
+    they become [B, C_out, h*p, w*p] exactly as diffusers unpatchifies the model output.
+    """
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if hasattr(output, "sample"):
+        output = output.sample
+    if output.dim() == 3:  # tokens [B, N, C] -> [B, C, h, w]
+        h, w = latent_hw[0] // patch, latent_hw[1] // patch
+        b, n, c = output.shape
+        if n != h * w:
+            raise RuntimeError(f"cannot reshape {n} tokens to a {h}x{w} grid")
+        if unpatchify and patch > 1:
+            x = output.reshape(b, h, w, patch, patch, c // (patch * patch))
+            return x.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, h * patch, w * patch)
+        output = output.transpose(1, 2).reshape(b, c, h, w)
+    return output

@@ -20,7 +20,7 @@ from torch import nn
 from ..components import TEXT_ENCODER_KEYS, ModelParts, is_t5
 from ..conditioning import batch_rows
 from ..errors import BadInputError, DiffFeatError
-from ..layers import layer_modules
+from ..layers import as_map, layer_modules
 
 
 class Family:
@@ -56,6 +56,11 @@ class Family:
     def image_stream(self, module: nn.Module, output: Any) -> Any:
         """The image-token part of a layer's output (identity unless a block returns several streams)."""
         return output
+
+    def feature_map(self, name: str, module: nn.Module, output: Any, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """A hooked layer's output as [B, C, h, w]: the image stream, tokens unpacked to the patch
+        grid, ``final`` unpatchified like the model's own output (see :func:`difffeat.layers.as_map`)."""
+        return as_map(self.image_stream(module, output), latent_hw, self.patch, unpatchify=name == "final")
 
     def check_input(self, x_t: torch.Tensor) -> None:
         """Refuse latents the denoiser cannot run (one line)."""
