@@ -440,12 +440,13 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
                     seed: int, random_weights: bool) -> tuple[DiffusionClassifier, int]:
     """The Diffusion Classifier the options (over the preset, over the defaults) describe, and its input size."""
     from difffeat.backbone import load_backbone
+    from difffeat.presets import pick, precedence
     from difffeat.registry import DEFAULT_MODEL, MODELS
 
     raw = classify_preset(preset) if preset else {}
     cfg = dict(raw.get("classifier") or {})
     extract = dict(raw.get("extract") or {})
-    model = model or extract.get("model") or DEFAULT_MODEL
+    model = pick(model, extract.get("model"), DEFAULT_MODEL)
     names = classes or cfg.get("classes") or ([f.replace("_", " ") for f in folders] if folders else None)
     if names is None:
         raise BadInputError("empty class list: give --classes 'a,b,...' or --classes-file FILE (one class per line)")
@@ -454,27 +455,31 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
     ns, tk = _ints(n_samples, "--n-samples"), _ints(to_keep, "--to-keep")
     if ns is not None and tk is None and len(ns) == 1:
         tk = (1,)  # one stage: score every class on every timestep
-    schedule = Schedule(
-        n_samples=ns or tuple(cfg.get("n_samples") or default.n_samples),
-        to_keep=tk or tuple(cfg.get("to_keep") or default.to_keep),
-        loss=loss or cfg.get("loss") or default.loss, trials=int(trials or cfg.get("trials") or 1))
+    opt = precedence(  # options over the preset over the defaults
+        dict(n_samples=ns, to_keep=tk, loss=loss, trials=trials, temperature=temperature, template=template,
+             timestep_weights=t_weights, resolution=resolution),
+        {**cfg, "resolution": extract.get("resolution")},
+        dict(n_samples=default.n_samples, to_keep=default.to_keep, loss=default.loss, trials=1,
+             template="a photo of a {}.", resolution=MODELS[model].resolution if model in MODELS else None))
+    schedule = Schedule(n_samples=tuple(opt["n_samples"]), to_keep=tuple(opt["to_keep"]), loss=opt["loss"],
+                        trials=int(opt["trials"]))
     tau: float | str = "auto"
-    t_spec = temperature if temperature is not None else cfg.get("temperature")
+    t_spec = opt["temperature"]
     if t_spec not in (None, "auto"):
         try:
             tau = float(t_spec)  # type: ignore[arg-type]
         except ValueError:
             raise BadInputError(f"--temperature must be a number or 'auto', got {t_spec!r}") from None
     bb = load_backbone(model, dtype=dtype, device=device, random_weights=random_weights)
-    res = resolution or extract.get("resolution") or (MODELS[model].resolution if model in MODELS else None)
+    res = opt["resolution"]
     if res is None:
         res = int(bb.denoiser.config.get("sample_size", 64) or 64) * bb.latent_scale
     res = int(res)
     if res % bb.size_multiple:
         raise BadInputError(f"resolution {res} is not a multiple of {bb.size_multiple} for {bb.name}")
     clf = DiffusionClassifier(
-        bb, names, template=template or cfg.get("template") or "a photo of a {}.", schedule=schedule,
-        weights=timestep_weights(t_weights or cfg.get("timestep_weights"), bb.num_train_timesteps),
+        bb, names, template=opt["template"], schedule=schedule,
+        weights=timestep_weights(opt["timestep_weights"], bb.num_train_timesteps),
         max_batch=max_batch, seed=seed, temperature=tau, early_stop=early_stop, static_batches=compile_,
         image_size=(res, res))
     if compile_:
