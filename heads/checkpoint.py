@@ -94,9 +94,13 @@ def read_tensors(path: str | Path, stem: str, what: str) -> dict[str, torch.Tens
         raise BadInputError(f"cannot read {what} weights {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def extractor_record(ex: Any) -> dict[str, Any]:
-    """What a checkpoint stores about its extractor: ``ex.config`` whole (empty without one)."""
-    return dict(getattr(ex, "config", None) or {})
+def feature_record(ex: Any, preset: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The one backbone record of every checkpoint: ``preset``, ``layers``, ``timesteps`` (what
+    :func:`check_backbone` compares cheaply), any ``extra`` settings, and ``extractor``: the
+    extractor's ``ex.config`` whole, from which loading rebuilds it (:func:`rebuild_extractor`)."""
+    config = dict(ex.config)
+    return {"preset": preset or config.get("name"), "layers": list(getattr(ex, "layers", None) or []),
+            "timesteps": [int(t) for t in getattr(ex, "timesteps", None) or []], **extra, "extractor": config}
 
 
 def rebuild_extractor(record: Mapping[str, Any], device: str | None = None, dtype: str | None = None,

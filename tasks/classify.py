@@ -557,11 +557,10 @@ def backbone_record(model: str | None, ex: Any, pool: int) -> dict[str, Any]:
     """The feature settings a probe checkpoint records (and is checked against)."""
     from difffeat.registry import DEFAULT_MODEL
 
-    return {"preset": model_id(model or DEFAULT_MODEL), "layers": list(getattr(ex, "layers", [])),
-            "timesteps": list(getattr(ex, "timesteps", [0])), "ensemble": getattr(ex, "ensemble", 1),
-            "noise": getattr(ex, "noise", None), "seed": getattr(ex, "seed", 0), "prompt": getattr(ex, "prompt", None),
-            "resolution": getattr(ex, "resolution", None), "resize": getattr(ex, "resize", None), "pool": int(pool),
-            "extractor": dict(ex.config)}
+    from difffeat.heads.checkpoint import feature_record
+
+    keys = ("ensemble", "noise", "seed", "prompt", "resolution", "resize")
+    return feature_record(ex, model_id(model or DEFAULT_MODEL), **{k: ex.config.get(k) for k in keys}, pool=int(pool))
 
 
 def probe_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, rank_device, rank_share, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
-from difffeat.heads.checkpoint import extractor_record
+from difffeat.heads.checkpoint import feature_record
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
 
 from .dense_config import config_diff
@@ -84,12 +84,8 @@ def make_extractor(backbone: Mapping[str, Any], device: str | None, dtype: str |
 def backbone_record(backbone: Mapping[str, Any], ex: Any) -> dict[str, Any]:
     """What the checkpoint records about the features (checked when it is loaded)."""
     model = str(backbone.get("model"))
-    rec = {k: v for k, v in backbone.items() if k != "model"}
-    rec["preset"] = os.path.abspath(model) if os.path.isdir(model) else model
-    rec["layers"] = list(getattr(ex, "layers", backbone.get("layers") or []))
-    rec["timesteps"] = [int(t) for t in getattr(ex, "timesteps", None) or []]
-    rec["extractor"] = extractor_record(ex)  # ex.config whole: loading rebuilds exactly this extractor
-    return rec
+    preset = os.path.abspath(model) if os.path.isdir(model) else model
+    return feature_record(ex, preset, **{k: v for k, v in backbone.items() if k not in ("model", "layers", "timesteps")})
 
 
 def lr_factor(step: int, total: int, cfg: Mapping[str, Any]) -> float:

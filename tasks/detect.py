@@ -31,7 +31,7 @@ from difffeat.backbone import compile_denoiser
 from difffeat.cli import cli, eval_group, train
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
-from difffeat.heads.checkpoint import check_backbone
+from difffeat.heads.checkpoint import check_backbone, feature_record
 from difffeat.presets import precedence
 from difffeat.heads.dire import (
     Calibration, DireClassifier, DireSettings, PooledFeatureHead, build_resnet, calibrate,
@@ -137,10 +137,9 @@ class Detector:
 
 
 def _backbone_record(bb: Any, extractor: Any = None) -> dict[str, Any]:
-    rec = {"preset": bb.name, "source": bb.source, "layers": None, "timesteps": None}
     if extractor is not None:  # ex.config whole: loading rebuilds exactly this extractor
-        rec.update(layers=list(extractor.layers), timesteps=list(extractor.timesteps), extractor=dict(extractor.config))
-    return rec
+        return feature_record(extractor, bb.name, source=bb.source)
+    return {"preset": bb.name, "source": bb.source, "layers": None, "timesteps": None}
 
 
 def _load_bb(model: str, dtype: str | None, device: str | None) -> Any:
