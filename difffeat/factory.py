@@ -74,7 +74,7 @@ def create(
     elif model is not None and name is not None and model != name:
         raise BadInputError(f"model={model!r} conflicts with {name!r}; pass one model (model= overrides method presets)")
     name = model or name or DEFAULT_MODEL
-    source, mp = resolve(name)
+    _, mp = resolve(name)
     model_defaults = {} if mp is None else dict(layers=mp.layers, timesteps=mp.timesteps, ensemble=mp.ensemble,
                                                 resolution=mp.resolution, resize=mp.resize)
     if is_feature_model(mp):
