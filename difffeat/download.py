@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import BadInputError, RepoNotFoundError, one_of
+from .errors import BadInputError, one_of
 
 TIMM_FILES = ["config.json", "model.safetensors"]
 
@@ -77,25 +77,15 @@ def _models_in(data: Any) -> Iterable[tuple[str, tuple[str, ...] | None]]:
 def download(target: str, components: Sequence[str] | None = None, variant: str | None = None,
              configs_only: bool = False) -> Downloaded:
     """Fetch ``target`` (a preset or hub id) from its first source that exists; see the module doc."""
-    import huggingface_hub.errors as hub_errors
-
-    from .hub import gated_error, is_offline, spec_for
+    from .hub import first_source, is_offline, spec_for
 
     if is_offline():
         raise BadInputError("difffeat download needs the network but HF_HUB_OFFLINE is set; unset it on a "
                             "connected machine")
     spec = spec_for(target)
-    tried: list[str] = []
-    for rid in spec.candidates:
-        try:
-            path = _fetch_timm(rid) if spec.kind == "timm" else _fetch(rid, target, components, variant, configs_only)
-        except hub_errors.GatedRepoError:
-            raise gated_error(rid) from None
-        except hub_errors.RepositoryNotFoundError:
-            tried.append(rid)
-            continue
-        return Downloaded(target, rid, path, snapshot_size(path))
-    raise RepoNotFoundError(f"no hub repository for {target}: tried {', then '.join(tried)} (not found or private)")
+    fetch = _fetch_timm if spec.kind == "timm" else (lambda rid: _fetch(rid, target, components, variant, configs_only))
+    rid, path = first_source(spec, fetch)
+    return Downloaded(target, rid, path, snapshot_size(path))
 
 
 def _fetch_timm(repo_id: str) -> Path:

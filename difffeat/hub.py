@@ -28,7 +28,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from .errors import GatedRepoAccessError, OfflineNotCachedError, PartialDownloadError, RepoNotFoundError
 
@@ -37,6 +37,7 @@ SMALL_PREFIXES = ("tokenizer", "scheduler")  # fetched whole with the configs
 SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded by difffeat
 DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model", "model"
 _NOTICES: set[str] = set()
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- environment
@@ -88,12 +89,10 @@ class RepoSpec:
 
 def spec_for(name: str) -> RepoSpec:
     """The :class:`RepoSpec` of a preset name, or of a hub id (known ids bring their preset's sources)."""
-    from .registry import find_repo_preset, get_model
-
-    from .registry import MODELS
+    from .registry import MODELS, find_repo_preset
 
     if name in MODELS:
-        p = get_model(name)
+        p = MODELS[name]
         kind = "timm" if p.family == "dinov2" else "diffusers"
         cands = tuple(f"timm/{s}" for s in p.sources) if kind == "timm" else p.sources
         return RepoSpec(name, cands, p.aliases, kind, p.gated)
@@ -139,13 +138,23 @@ def resolve_repo(spec: RepoSpec, components: Sequence[str] | None = None) -> Pat
             return found
     if is_offline():
         raise offline_error(spec)
+    return first_source(spec, lambda rid: fetch_metadata(rid, spec.kind, components))[1]
+
+
+def first_source(spec: RepoSpec, fetch: Callable[[str], T]) -> tuple[str, T]:
+    """(id, ``fetch(id)``) for the first of ``spec.candidates`` that exists on the hub.
+
+    A gated repository stops the search with its own error; when none exists, the error names
+    every id tried, in order.
+    """
+    errors = _hub_errors()
     tried: list[str] = []
     for rid in spec.candidates:
         try:
-            return fetch_metadata(rid, spec.kind, components)
-        except _hub_errors().RepositoryNotFoundError as e:
-            if isinstance(e, _hub_errors().GatedRepoError):
-                raise gated_error(rid) from None
+            return rid, fetch(rid)
+        except errors.GatedRepoError:
+            raise gated_error(rid) from None
+        except errors.RepositoryNotFoundError:
             tried.append(rid)
     raise RepoNotFoundError(
         f"no hub repository for {spec.label}: tried {', then '.join(tried)} (not found or private); check the id, "
@@ -289,5 +298,5 @@ def ensure_weights(folder: Path, component: str, label: str | None = None) -> We
 
 
 __all__ = ["RepoSpec", "WeightStatus", "cache_dir", "cached_snapshot", "component_patterns", "ensure_weights",
-           "fetch_metadata", "is_offline", "metadata_patterns", "notice", "resolve_repo", "snapshot_repo", "spec_for",
+           "fetch_metadata", "first_source", "is_offline", "metadata_patterns", "notice", "resolve_repo", "snapshot_repo", "spec_for",
            "weight_patterns", "weight_status"]

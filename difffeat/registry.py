@@ -151,7 +151,7 @@ MODELS: dict[str, ModelPreset] = {
             description="Stable Diffusion 3 medium: MM-DiT, 24 joint blocks x 1536, rectified flow, CLIP-L + CLIP-G "
             "(+ T5, optional: use_t5=False feeds zeros as diffusers does without text_encoder_3).",
             license=STABILITY_COMMUNITY, gated=True, components=SD3_COMPONENTS,
-            size="~15.5 GB fp16 (~6 GB without T5: download --components without text_encoder_3)",
+            size="~15.5 GB fp16 (~6 GB without the T5 encoder, text_encoder_3)",
         ),
         ModelPreset(
             "sd35-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", 1024, ("block.12",), (420,), 1,
