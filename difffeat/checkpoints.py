@@ -4,7 +4,8 @@
   ``v1-5-pruned-emaonly.safetensors``) loads through diffusers' ``from_single_file`` machinery,
   one component at a time, with the configs, tokenizers and scheduler of a model preset:
   ``-m sd15 --weights FILE`` (:func:`single_file`) or ``-m FILE`` (the preset is inferred from
-  the keys with diffusers' ``infer_diffusers_model_type``). Only the preset's small config files
+  the keys with diffusers' ``infer_diffusers_model_type``). A file holding both EMA and raw UNet
+  weights gives its EMA weights (what the released diffusers repos hold). Only the preset's small config files
   are needed (``difffeat download sd15 --configs-only`` on a connected machine).
 * ``.ckpt``/``.pt``/``.pth``/``.bin`` pickles can run code when unpickled: difffeat never loads
   them as models. :func:`convert_to_safetensors` (``difffeat convert IN OUT``) reads their
@@ -132,10 +133,16 @@ def load_single_file_component(sf: SingleFile, name: str, spec: list[str], dtype
     """One component built from the single file (weights) and the preset's folder (config)."""
     from diffusers import pipelines
     from diffusers.loaders.single_file import load_single_file_sub_model
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    module = load_single_file_sub_model(
-        library_name=spec[0], class_name=spec[1], name=name, checkpoint=sf.state_dict(), pipelines=pipelines,
-        is_pipeline_module=False, cached_model_config_path=sf.config_dir, local_files_only=True, torch_dtype=dtype)
+    try:
+        module = load_single_file_sub_model(
+            library_name=spec[0], class_name=spec[1], name=name, checkpoint=sf.state_dict(), pipelines=pipelines,
+            is_pipeline_module=False, cached_model_config_path=sf.config_dir, local_files_only=True, torch_dtype=dtype,
+            **({"extract_ema": True} if name == "unet" else {}))  # EMA weights when both are stored (as released)
+    except SingleFileComponentError:
+        raise BadInputError(f"{sf.path} holds no {name} weights ({spec[1]}) in a layout diffusers reads for "
+                            f"{sf.preset}; pass the preset it was trained from with -m PRESET --weights FILE") from None
     sf.loaded(name)
     return module
 
@@ -153,6 +160,8 @@ def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, overw
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise BadInputError(f"checkpoint file not found: {src}")
+    if src.suffix == ".safetensors":
+        raise BadInputError(f"{src} is already safetensors; pass it with -m FILE or --weights FILE")
     if dst.suffix != ".safetensors":
         raise BadInputError(f"output must end in .safetensors, not {dst.name}")
     if dst.exists() and not overwrite:

@@ -306,6 +306,16 @@ def test_single_file_gives_the_folders_features(hf: Path, tiny_sd_dir: Path, x: 
     torch.testing.assert_close(features(single_file(ckpt, "sd15"), x), ref, rtol=1e-5, atol=1e-6)  # -m sd15 --weights F
     torch.testing.assert_close(features(str(ckpt), x, prompt="a cat"), features(str(tiny_sd_dir), x, prompt="a cat"),
                                rtol=1e-5, atol=1e-6)  # -m F: sd15 inferred from the keys; text encoder from the file
+    # a file with EMA and raw UNet weights (v1-5-pruned.safetensors): the EMA copy is loaded, as released
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt))
+    unet = [k for k in state if k.startswith("model.diffusion_model.")]
+    state.update({"model_ema." + "".join(k.split(".")[1:]): state[k] for k in unet})
+    state.update({k: torch.randn_like(state[k]) for k in unet})
+    save_file(state, str(tmp_path / "with-ema.safetensors"))
+    torch.testing.assert_close(features(single_file(tmp_path / "with-ema.safetensors", "sd15"), x), ref,
+                               rtol=1e-5, atol=1e-6)
     out = tmp_path / "feats"
     (tmp_path / "imgs").mkdir()
     from PIL import Image
