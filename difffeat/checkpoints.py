@@ -25,8 +25,9 @@ from .errors import BadInputError, OfflineNotCachedError, UnknownNameError, Unsa
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
 # diffusers' infer_diffusers_model_type -> the preset whose configs fit the file
-MODEL_TYPE_PRESETS = {"v1": "sd15", "v2": "sd21", "xl_base": "sdxl-base", "sd3": "sd3-medium",
-                      "sd35_medium": "sd35-medium"}
+# (SD 2.x is left out on purpose: its keys do not say 768-v, sd21, from 512-base, sd21-base, and the
+# wrong one silently swaps v-prediction and epsilon-prediction)
+MODEL_TYPE_PRESETS = {"v1": "sd15", "xl_base": "sdxl-base", "sd3": "sd3-medium", "sd35_medium": "sd35-medium"}
 
 
 @dataclass
@@ -118,6 +119,9 @@ def infer_preset(sf: SingleFile) -> str:
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     kind = infer_diffusers_model_type(sf.state_dict())
+    if kind == "v2":
+        raise BadInputError(f"{sf.path} is a Stable Diffusion 2.x file, and its keys do not tell 768-v from 512-base: "
+                            f"pass -m sd21 --weights FILE (768, v-prediction) or -m sd21-base --weights FILE (512)")
     if kind not in MODEL_TYPE_PRESETS:
         raise BadInputError(f"cannot tell which model {sf.path} is (diffusers says {kind!r}); pass the preset "
                             f"its configs come from: -m PRESET --weights {sf.path}")

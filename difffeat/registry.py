@@ -1,6 +1,9 @@
 """One registry of model presets and method presets, with timm-like ergonomics.
 
-* **Model presets** name a checkpoint (hub id) and its native extraction defaults.
+* **Model presets** name a checkpoint and its native extraction defaults, and where its weights
+  come from: ``sources`` (the canonical hub id, then mirrors), old ``aliases``, ``license``,
+  ``gated``, the ``components`` difffeat loads and the ``size`` on disk (resolved by
+  :mod:`difffeat.hub`; ``difffeat download`` fetches them).
 * **Method presets** are YAML files in ``configs/`` (installed as ``difffeat.configs``)
   that reproduce a paper's protocol: model, timesteps, layers, ensemble, resolution,
   prompt, fusion and matching. Each carries its citation and published numbers.
