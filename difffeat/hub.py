@@ -36,6 +36,7 @@ MARKER = {"diffusers": "model_index.json", "timm": "config.json"}
 SMALL_PREFIXES = ("tokenizer", "scheduler")  # fetched whole with the configs
 SKIPPED = ("safety_checker", "feature_extractor", "image_encoder")  # never loaded by difffeat
 DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS = "diffusion_pytorch_model", "model"
+AUTO_VARIANTS = ("fp16", "bf16")  # picked when a folder holds only these weight files
 _NOTICES: set[str] = set()
 T = TypeVar("T")
 
@@ -259,9 +260,11 @@ def weight_status(folder: Path, component: str) -> WeightStatus:
     for stem in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, "pytorch_model"):
         if f"{stem}.safetensors" in names or f"{stem}.bin" in names:
             return WeightStatus(True)
-    variants = sorted({n.split(".")[-2] for n in names if n.endswith(".safetensors") and n.count(".") >= 2})
-    if variants:
-        return WeightStatus(True, "fp16" if "fp16" in variants else variants[0])
+    # reduced-precision variants only: a non_ema/ema-only folder is not silently read as the release weights
+    variants = {n.split(".")[-2] for n in names if n.endswith(".safetensors") and n.count(".") >= 2}
+    for variant in AUTO_VARIANTS:
+        if variant in variants:
+            return WeightStatus(True, variant)
     return WeightStatus(False, missing=f"{component}/{_expected_weights(sub)}")
 
 

@@ -301,13 +301,19 @@ def test_single_file_gives_the_folders_features(hf: Path, tiny_sd_dir: Path, x: 
     ckpt = single_file_from(tiny_sd_dir, tmp_path / "tiny-v1-pruned-emaonly.safetensors")
     line = one_error_line(run_cli("layers", str(ckpt)))  # nothing cached yet: the configs are missing
     assert "needs the configs of sd15" in line and "difffeat download sd15 --configs-only" in line
+    from safetensors.torch import save_file
+
+    v2 = tmp_path / "sd2-file.safetensors"  # an SD 2.x key layout (OpenCLIP-H context width 1024)
+    save_file({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 1024)},
+              str(v2))
+    assert "-m sd21 --weights FILE (768, v-prediction) or -m sd21-base" in one_error_line(run_cli("layers", str(v2)))
     # the preset's configs only (no weights) are needed: `difffeat download sd15 --configs-only`
     put_in_cache(hf, "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_sd_dir, keep=lambda rel: not is_weight(rel))
     torch.testing.assert_close(features(single_file(ckpt, "sd15"), x), ref, rtol=1e-5, atol=1e-6)  # -m sd15 --weights F
     torch.testing.assert_close(features(str(ckpt), x, prompt="a cat"), features(str(tiny_sd_dir), x, prompt="a cat"),
                                rtol=1e-5, atol=1e-6)  # -m F: sd15 inferred from the keys; text encoder from the file
     # a file with EMA and raw UNet weights (v1-5-pruned.safetensors): the EMA copy is loaded, as released
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     state = load_file(str(ckpt))
     unet = [k for k in state if k.startswith("model.diffusion_model.")]
