@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from .errors import GatedRepoAccessError, OfflineNotCachedError, PartialDownloadError, RepoNotFoundError
+from .errors import (GatedRepoAccessError, OfflineNotCachedError, PartialDownloadError, RepoNotFoundError,
+                     WeightsNotFoundError)
 
 MARKER = {"diffusers": "model_index.json", "timm": "config.json"}
 SMALL_PREFIXES = ("tokenizer", "scheduler")  # fetched whole with the configs
@@ -157,6 +158,17 @@ def first_source(spec: RepoSpec, fetch: Callable[[str], T]) -> tuple[str, T]:
             raise gated_error(rid) from None
         except errors.RepositoryNotFoundError:
             tried.append(rid)
+        except errors.LocalEntryNotFoundError:  # no connection, and not in the cache
+            raise OfflineNotCachedError(
+                f"cannot reach the hub for {rid} and {spec.label!r} is not in the local cache (HF_HOME={hf_home()}); "
+                f"check the connection, or run `difffeat download {spec.label}` where there is one and use its "
+                f"HF_HOME with HF_HUB_OFFLINE=1") from None
+        except errors.EntryNotFoundError:
+            raise WeightsNotFoundError(
+                f"{rid} exists but has no {MARKER[spec.kind]}: not a diffusers-format repository; download its "
+                f".safetensors file (`hf download {rid} FILE`) and pass -m PRESET --weights FILE") from None
+        except errors.HfHubHTTPError as e:
+            raise WeightsNotFoundError(f"the hub refused {rid}: {str(e).splitlines()[0][:160]}") from None
     raise RepoNotFoundError(
         f"no hub repository for {spec.label}: tried {', then '.join(tried)} (not found or private); check the id, "
         f"or pass a local diffusers folder or a .safetensors file with -m")

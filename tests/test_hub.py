@@ -193,6 +193,26 @@ def test_repository_not_found_names_each_source_tried(hf: Path, monkeypatch: pyt
         difffeat.load_backbone("nobody/nothing")
 
 
+def test_no_connection_and_not_a_diffusers_repo(hf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    def unreachable(*a, **k):  # type: ignore[no-untyped-def]
+        raise LocalEntryNotFoundError("connection error and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    line = one_error_line(run_cli("layers", "sd15"))
+    assert "cannot reach the hub for stable-diffusion-v1-5/stable-diffusion-v1-5" in line and "HF_HUB_OFFLINE=1" in line
+
+    def no_index(*a, **k):  # type: ignore[no-untyped-def]
+        raise EntryNotFoundError("404: model_index.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_index)
+    assert "not a diffusers-format repository" in one_error_line(run_cli("layers", "someone/sd15-original"))
+
+
 def test_gated_repository(hf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub.errors import GatedRepoError
 
