@@ -102,7 +102,6 @@ def spec_for(name: str) -> RepoSpec:
     if p is None:
         return RepoSpec(name, (name,))
     if name in p.aliases:
-        notice(f"{name} is no longer on the hub; using {p.hub_id} instead (from the cache if {name} is there)")
         return RepoSpec(name, p.sources, (name,) + tuple(a for a in p.aliases if a != name), gated=p.gated)
     rest = tuple(s for s in p.sources if s != name)
     return RepoSpec(name, (name,) + rest, p.aliases, gated=p.gated)
@@ -137,7 +136,11 @@ def resolve_repo(spec: RepoSpec, components: Sequence[str] | None = None) -> Pat
         if found is not None:
             if rid in spec.aliases:
                 notice(f"using the cached copy of {rid} (removed from the hub; its successor is {spec.candidates[0]})")
+            elif spec.label in spec.aliases:
+                notice(f"{spec.label} is no longer on the hub; using {rid} instead")
             return found
+    if spec.label in spec.aliases:
+        notice(f"{spec.label} is no longer on the hub; trying {', then '.join(spec.candidates)} instead")
     if is_offline():
         raise offline_error(spec)
     return first_source(spec, lambda rid: fetch_metadata(rid, spec.kind, components))[1]

