@@ -80,8 +80,9 @@ STABILITY_COMMUNITY = "Stability AI Community License"
 # Stability AI removed every stabilityai/stable-diffusion-2* repository around 13 Nov 2025 (diffusers
 # #12874, OneTrainer #1129, CleanDIFT #17); sd2-community holds unofficial mirrors, used by optimum-habana
 # (PR #2363) and OneTrainer (PR #1140).
-_SD2_GONE = ("canonical stabilityai repo deleted Nov 2025; sd2-community is an unofficial mirror: its files "
-             "were not compared with the originals by difffeat")
+_SD2_GONE = ("canonical stabilityai repo deleted Nov 2025; sd2-community is an unofficial mirror and Manojb/* "
+             "(where listed) one person's upload: neither was compared with the originals by difffeat; licence "
+             "taken from the original model card")
 _SD2 = dict(license=OPENRAIL_PP, components=SD_COMPONENTS, size="~5.2 GB fp32 (~2.6 GB fp16 variant)",
             unconfirmed=_SD2_GONE)
 
