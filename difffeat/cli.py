@@ -173,6 +173,7 @@ def load_task_commands() -> None:
     for mod in pkgutil.iter_modules(tasks.__path__):
         if not mod.name.startswith("_"):
             importlib.import_module(f"difffeat.tasks.{mod.name}")
+    importlib.import_module("difffeat.explore.command")  # the browser app (gradio imported only when run)
 
 
 def main(argv: list[str] | None = None) -> None:
