@@ -8,17 +8,21 @@ group, so the model runs one request at a time (the caches are not thread-safe).
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio: no telemetry, no network
+
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+import gradio as gr
 
 from difffeat.errors import DiffFeatError
 
 from . import views as V
 from .session import Session, click_to_pixel, enlarge, load_upload, view_scale
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no network at start
 CONCURRENCY = "model"
 UPLOAD = "upload…"
 
@@ -34,8 +38,6 @@ def error_line(e: BaseException) -> str:
 def guarded(fn: Callable[..., tuple[Any, ...]], n_out: int) -> Callable[..., tuple[Any, ...]]:
     """Run ``fn``; on failure leave its ``n_out`` outputs unchanged and put the error in the status."""
     import functools
-
-    import gradio as gr
 
     @functools.wraps(fn)
     def run(*args: Any, **kw: Any) -> tuple[Any, ...]:
@@ -61,32 +63,24 @@ def pick(s: Session, scene: str | None, upload: str | None, second: bool = False
 
 def image_input(s: Session, label: str, tab: str, default: int = 0) -> tuple[Any, Any]:
     """A scene picker and an upload box (gr.File: the file goes through difffeat.io's loader)."""
-    import gradio as gr
-
     names = [sc.name for sc in s.scenes] + [UPLOAD]
     scene = gr.Dropdown(names, value=names[default], label=f"{label}: scene", elem_id=f"{tab}-scene")
-    upload = gr.File(label=f"{label}: or upload an image", file_types=["image"], type="filepath",
+    upload = gr.File(label=f"{label}: or upload an image", file_types=["image"], type="filepath", height=110,
                      elem_id=f"{tab}-upload")
     return scene, upload
 
 
 def status_box(tab: str) -> Any:
-    import gradio as gr
-
     return gr.Textbox(label="status", value="ok", interactive=False, max_lines=1, elem_id=f"{tab}-status")
 
 
-def view(label: str, elem_id: str) -> Any:
-    import gradio as gr
-
-    return gr.Image(label=label, type="pil", format="png", interactive=False, elem_id=elem_id,
+def view(label: str, elem_id: str, value: Any = None) -> Any:
+    return gr.Image(value=value, label=label, type="pil", format="png", interactive=False, elem_id=elem_id,
                     buttons=["download"])
 
 
 # --------------------------------------------------------------------------- tabs
 def correspond_tab(s: Session) -> None:
-    import gradio as gr
-
     d = s.model_defaults()
     with gr.Row():
         with gr.Column():
@@ -97,12 +91,14 @@ def correspond_tab(s: Session) -> None:
         preset = gr.Dropdown(V.correspond_presets(), value=s.preset, label="preset", elem_id="preset")
         layer = gr.Dropdown(s.layer_names(), value=d["layer"], label="layer", elem_id="corr-layer")
         t = gr.Slider(0, s.backbone.num_train_timesteps - 1, value=d["t"], step=1, label="t", elem_id="corr-t")
+    first = s.scenes[0]
     with gr.Row():
-        src_view = view("source: click a point", "src-view")
-        tgt_view = view("target: similarity, + argmax, o soft-argmax", "tgt-view")
+        src_view = view("source: click a point", "src-view", enlarge(first.image, view_scale(first.image.size)))
+        tgt_view = view("target: similarity, + argmax, o soft-argmax", "tgt-view",
+                        enlarge(first.view2, view_scale(first.view2.size)))
     result = gr.Textbox(label="match", interactive=False, max_lines=2, elem_id="match-result")
     status = status_box("correspond")
-    images, point = gr.State(None), gr.State(None)
+    images, point = gr.State((first.image, first.view2)), gr.State(None)
 
     def load(sc: str, up: str | None, tsc: str, tup: str | None) -> tuple[Any, ...]:
         src = pick(s, sc, up)
@@ -130,14 +126,9 @@ def correspond_tab(s: Session) -> None:
     for comp in (preset, layer, t):
         comp.change(guarded(rematch, 3), [images, point, preset, layer, t], [src_view, tgt_view, result, status],
                     concurrency_id=CONCURRENCY)
-    first = s.scenes[0]
-    src_view.value, tgt_view.value = (enlarge(im, view_scale(im.size)) for im in (first.image, first.view2))
-    images.value = (first.image, first.view2)
 
 
 def features_tab(s: Session) -> None:
-    import gradio as gr
-
     d = s.model_defaults()
     with gr.Row():
         with gr.Column():
@@ -153,7 +144,7 @@ def features_tab(s: Session) -> None:
         show = gr.Button("co-PCA + parts", variant="primary", elem_id="feat-run")
         sweep = gr.Button("layer × t grid of image A", elem_id="feat-grid")
     out = view("co-PCA RGB and k-means parts", "feat-view")
-    info = gr.Textbox(label="features", interactive=False, max_lines=1)
+    info = gr.Textbox(label="features", interactive=False, max_lines=1, elem_id="feat-result")
     status = status_box("features")
 
     def run(sa: str, ua: str | None, sb: str, ub: str | None, both: bool, ly: str, tt: float, kk: float) -> tuple[Any, ...]:
@@ -170,8 +161,6 @@ def features_tab(s: Session) -> None:
 
 
 def classify_tab(s: Session) -> None:
-    import gradio as gr
-
     tiny = s.model == "difffeat-tiny"
     scene, up = image_input(s, "image", "cls")
     classes = gr.Textbox(value=V.default_classes(s), label="classes (comma-separated)")
@@ -191,8 +180,6 @@ def classify_tab(s: Session) -> None:
 
 
 def dense_tab(s: Session) -> None:
-    import gradio as gr
-
     d = s.model_defaults()
     scene, up = image_input(s, "image", "dense")
     with gr.Row():
@@ -203,7 +190,7 @@ def dense_tab(s: Session) -> None:
     head = gr.Textbox(label="head folder (from `difffeat train seg|depth|edges`)", placeholder="runs/seg/head")
     go = gr.Button("predict", variant="primary", elem_id="dense-run")
     out = view("prediction over the image", "dense-view")
-    info = gr.Textbox(label="result", interactive=False, max_lines=1)
+    info = gr.Textbox(label="result", interactive=False, max_lines=1, elem_id="dense-result")
     status = status_box("dense")
 
     def run(sc: str, u: str | None, m: str, kk: float, ly: str, tt: float, h: str) -> tuple[Any, ...]:
@@ -213,8 +200,6 @@ def dense_tab(s: Session) -> None:
 
 
 def detect_tab(s: Session) -> None:
-    import gradio as gr
-
     scene, up = image_input(s, "image", "det")
     with gr.Row():
         method = gr.Radio(list(V.DETECT_METHODS), value="DIRE", label="method")
@@ -239,8 +224,6 @@ TABS: tuple[tuple[str, Callable[[Session], None]], ...] = (
 
 def build_app(s: Session) -> Any:
     """The ``gr.Blocks`` page of a session (not launched)."""
-    import gradio as gr
-
     with gr.Blocks(title="difffeat explore", analytics_enabled=False) as demo:
         gr.Markdown(f"## difffeat explore · `{s.model}`" + (" (knows only the shapes world: use `-m sd21` on photos)"
                                                           if s.model == "difffeat-tiny" else ""))
@@ -252,6 +235,4 @@ def build_app(s: Session) -> Any:
 
 def theme() -> Any:
     """Gradio's default look with local fonts only (the default theme fetches Google Fonts)."""
-    import gradio as gr
-
     return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
