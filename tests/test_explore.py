@@ -69,13 +69,20 @@ def test_click_match_is_the_library_match_on_the_same_features(sess: S.Session) 
 
 def test_heatmap_peaks_at_the_argmax(sess: S.Session) -> None:
     sc = sess.scenes[0]
-    pipe, _ = V.correspond_pipeline(sess, "dift", "up.0", 100)
-    a, b = V.pair_features(sess, pipe, sc.image, sc.view2)
+    pipe, _, key = V.correspond_pipeline(sess, "dift", "up.0", 100)
+    a, b = V.pair_features(sess, pipe, key, sc.image, sc.view2)
     sd, td = pipe.descriptors(a, b)
     hm = V.heatmap(pipe, sd, td, a, b, torch.tensor([[20.0, 37.0]]))
     m = V.click_match(sess, sc.image, sc.view2, (20, 37), "dift", "up.0", 100)
     y, x = np.unravel_index(hm.argmax(), hm.shape)
     assert (float(x), float(y)) == m.argmax and hm.max() == pytest.approx(m.score, abs=1e-5)
+
+
+def test_a_fusion_preset_on_another_model_applies_only_its_matching(sess: S.Session) -> None:
+    sc = sess.scenes[0]
+    m = V.click_match(sess, sc.image, sc.view2, (20, 37), "sd-dino", "up.0", 100)
+    assert m.metric == "l2" and "need -m sd15" in m.note  # SD-DINO's L2 nearest neighbour, said plainly
+    assert "-> argmax (x=" in m.text and m.score <= 0  # negative squared distance
 
 
 def test_clicks_outside_the_image_and_unknown_names_are_one_line_errors(sess: S.Session) -> None:

@@ -1,9 +1,9 @@
 """`difffeat explore` in a real browser: Debian's chromium, headless, driven by Playwright.
 
-One server start for the module (difffeat-tiny, offline, a free localhost port). The tests
-click a source point in the Correspond tab and check the reported match against
-difffeat.heads.matching on the same features, upload a corrupt file and read the error
-line, and run and screenshot every tab (screenshots in $DIFFFEAT_EXPLORE_ARTIFACTS or
+One server start (difffeat-tiny, offline, a free localhost port) and one test, so that
+pytest-xdist cannot split it over two workers. It clicks a source point in the Correspond
+tab and checks the reported match against difffeat.heads.matching on the same features,
+uploads a corrupt file and reads the error line, and runs and screenshots every tab (screenshots in $DIFFFEAT_EXPLORE_ARTIFACTS or
 tests/artifacts/explore; not asserted on pixels).
 
 Skips (with the reason) when chromium, gradio or playwright is missing; CI installs all three.
@@ -153,7 +153,7 @@ def shot(pg, name: str) -> None:  # type: ignore[no-untyped-def]
     pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def test_click_reports_the_library_match(page) -> None:  # type: ignore[no-untyped-def]
+def check_click_reports_the_library_match(page) -> None:  # type: ignore[no-untyped-def]
     click_source_pixel(page, *POINT)
     text = wait_text(page, "match-result", rf"source \(x={POINT[0]}, y={POINT[1]}\)")
     want = expected_matches(POINT)
@@ -166,7 +166,7 @@ def test_click_reports_the_library_match(page) -> None:  # type: ignore[no-untyp
     shot(page, "correspond")
 
 
-def test_corrupt_upload_shows_one_error_line_and_server_keeps_serving(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def check_corrupt_upload_shows_one_error_line_and_server_keeps_serving(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     page.locator("#src-upload input[type=file]").set_input_files(str(bad))
@@ -182,8 +182,7 @@ TABS = [("Features", "feat", "features"), ("Classify", "cls", "classify"),
         ("Segment / depth / edges", "dense", "dense"), ("Detect", "det", "detect")]
 
 
-@pytest.mark.parametrize("tab,prefix,status", TABS, ids=[t[2] for t in TABS])
-def test_every_tab_runs_in_the_browser(page, tab: str, prefix: str, status: str) -> None:  # type: ignore[no-untyped-def]
+def check_tab_runs(page, tab: str, prefix: str, status: str) -> None:  # type: ignore[no-untyped-def]
     page.get_by_role("tab", name=tab).click()
     page.locator(f"#{prefix}-run").click()
     result, status_sel = (f"#{i} textarea, #{i} input" for i in (f"{prefix}-result", f"{status}-status"))
@@ -198,3 +197,11 @@ def test_every_tab_runs_in_the_browser(page, tab: str, prefix: str, status: str)
     if status != "classify":  # the others show an image; classify a ranking table
         page.locator(f"#{prefix}-view img").first.wait_for()
     shot(page, status)
+
+
+def test_explore_in_a_real_browser(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One test (so pytest-xdist keeps it on one worker: one server start), in steps."""
+    check_click_reports_the_library_match(page)
+    check_corrupt_upload_shows_one_error_line_and_server_keeps_serving(page, tmp_path)
+    for tab, prefix, status in TABS:
+        check_tab_runs(page, tab, prefix, status)

@@ -141,7 +141,7 @@ class Session:
 
         self.preset = preset or "dift"
         p = get_preset(self.preset)  # an unknown --preset fails at start, with the valid names
-        own = p.extract.get("model") if preset and "fusion" not in p.raw else None
+        own = p.extract.get("model") if preset else None  # a fusion preset: its diffusion model
         self.model = model or own or DEFAULT_MODEL
         self.device, self.dtype, self.seed = device, dtype, seed
         self.scenes = shapes_scenes(scenes, seed)

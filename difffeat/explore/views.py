@@ -74,13 +74,13 @@ def correspond_presets() -> list[str]:
     return sorted(n for n, p in method_presets().items() if p.task == "correspond")
 
 
-def correspond_pipeline(s: Session, preset: str, layer: str, t: int) -> tuple[Any, str]:
-    """The preset's pipeline on the session's model, and a note on what was used.
+def correspond_pipeline(s: Session, preset: str, layer: str, t: int) -> tuple[Any, str, tuple[Any, ...]]:
+    """The preset's pipeline on the session's model, a note on what was used, and its cache key.
 
     A single-model preset runs on the session's model with the picked layer and t (its
     ensemble, noise and prompt kept when the model is the preset's own). A fusion preset
-    (SD + DINOv2) runs its whole fixed protocol when the session runs its model; on another
-    model only its matching settings apply, and the note says so.
+    (SD + DINOv2) runs its whole fixed protocol when the session runs its diffusion model;
+    on another model only its matching settings apply, and the note says so.
     """
     from difffeat.registry import get_preset
     from difffeat.tasks.correspond import CorrespondPipeline, MatchSettings, build_pipeline
@@ -90,27 +90,27 @@ def correspond_pipeline(s: Session, preset: str, layer: str, t: int) -> tuple[An
 
         raise one_of("correspondence preset", preset, correspond_presets())
     p = get_preset(preset)
-    settings = MatchSettings.from_dict(p.raw.get("matching"))
-    if "fusion" in p.raw and s.model == preset:
-        pipe = build_pipeline(preset, device=s.device, dtype=s.dtype)
-        return s.features.get(("pipeline", preset), lambda: pipe), f"{preset}: the preset's fixed fused features"
+    own_model = p.extract.get("model")
+    if "fusion" in p.raw and s.model == own_model:
+        key = ("correspond", preset)
+        pipe = s.features.get(("pipeline", preset), lambda: build_pipeline(preset, device=s.device, dtype=s.dtype))
+        return pipe, f"{preset}: the preset's fixed fused features (layer and t sliders do not apply)", key
     s.check_layer(layer)
     t = s.check_t(t)
-    own = p.extract if p.extract.get("model") == s.model else {}
+    own = p.extract if own_model == s.model else {}
     kw = {k: own[k] for k in ("ensemble", "noise", "prompt", "resolution", "resize") if own.get(k) is not None}
-    ex = s.extractor((layer,), (t,), **kw)
-    pipe = CorrespondPipeline(ex, settings, category_prompt=own.get("category_prompt"), name=preset, preset=p.raw)
+    settings = MatchSettings.from_dict(p.raw.get("matching"))
+    pipe = CorrespondPipeline(s.extractor((layer,), (t,), **kw), settings, category_prompt=p.raw.get("category_prompt"),
+                              name=preset, preset=p.raw)
     note = f"{preset} matching ({settings.metric}) on {s.model} {layer} t={t}"
     if "fusion" in p.raw:
-        note += f" (the fused {preset} features need its own models: run `difffeat explore --preset {preset}`)"
-    return pipe, note
+        note += f"; its fused features need -m {own_model}"
+    return pipe, note, ("correspond", preset, layer, t)
 
 
-def pair_features(s: Session, pipe: Any, src: Image.Image, tgt: Image.Image) -> tuple[Any, Any]:
-    """Both images' features through the pipeline, cached per (image, pipeline settings)."""
-    ex = pipe.extractor
-    key = ("correspond", pipe.name, tuple(getattr(ex, "keys", ())), id(ex))
-    return (s.cached(src, key, lambda: pipe.image_features(src)), s.cached(tgt, key, lambda: pipe.image_features(tgt)))
+def pair_features(s: Session, pipe: Any, key: tuple[Any, ...], src: Image.Image, tgt: Image.Image) -> tuple[Any, Any]:
+    """Both images' features through the pipeline, cached per (image, ``key``: the pipeline's settings)."""
+    return s.cached(src, key, lambda: pipe.image_features(src)), s.cached(tgt, key, lambda: pipe.image_features(tgt))
 
 
 @dataclass
@@ -149,10 +149,10 @@ def click_match(s: Session, src: Image.Image, tgt: Image.Image, point: tuple[int
     """Match one source pixel into the target: argmax, soft-argmax, mutual check and the heatmap."""
     from difffeat.tasks.correspond import check_points
 
-    pipe, note = correspond_pipeline(s, preset, layer, t)
     pts = torch.tensor([point], dtype=torch.float32)
     check_points(pts, (src.height, src.width))
-    a, b = pair_features(s, pipe, src, tgt)
+    pipe, note, key = correspond_pipeline(s, preset, layer, t)
+    a, b = pair_features(s, pipe, key, src, tgt)
     sd, td = pipe.descriptors(a, b)
     found = {}
     for mode in ("argmax", "soft", "mutual"):
@@ -248,7 +248,8 @@ def classify_image(s: Session, image: Image.Image, classes: str, n_samples: str,
     sched = Schedule(**({"n_samples": ns} if ns else {}), **({"to_keep": tk} if tk else {}))
     bb = s.backbone
     res = s.model_defaults()["resolution"]
-    clf = DiffusionClassifier(bb, ids or names, schedule=sched, seed=s.seed, image_size=(res, res))
+    clf = DiffusionClassifier(bb, ids or names, template="a photo of a {}.", schedule=sched, seed=s.seed,
+                              image_size=(res, res))
     planned = sched.unet_evals(len(names), bb.num_train_timesteps)
     done = [0]
 
