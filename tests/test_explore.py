@@ -131,11 +131,25 @@ def test_co_pca_colours_match_across_images_and_pca_rgb_is_unchanged() -> None:
 
 
 def test_features_view_and_sweep_grid(sess: S.Session) -> None:
+    from difffeat.viz import pca_rgb
+
     sc = sess.scenes[0]
     img, info = V.features_view(sess, [sc.image, sc.view2], "up.0", 100, 4)
     assert "128 channels on a 16x16 grid" in info and img.width > 3 * 64
     grid = V.sweep_grid(sess, sc.image, timesteps=(50, 400))
-    assert grid.height > len(sess.layer_names()) * 64 // 2  # one row per layer
+    assert grid.layers == tuple(sess.layer_names()) and grid.timesteps == (50, 400)
+    pad, cap, (cw, ch) = V.GRID_PAD, V.GRID_CAPTION, grid.cell
+    maps = sess.feature_maps(sc.image, grid.layers, grid.timesteps)
+    for row, col in ((0, 0), (3, 1), (len(grid.layers) - 1, 1)):  # a pixel inside cell (row, col) ...
+        x = pad + col * (cw + pad) + cw // 3
+        y = cap + pad + pad + row * (ch + cap + pad) + ch // 3
+        layer, t = grid.pick([x, y])
+        assert (layer, t) == (grid.layers[row], grid.timesteps[col])
+        panel = pca_rgb(maps[f"{layer}@t{t}"], grid.cell)  # ... shows that layer and t there
+        assert grid.image.getpixel((x, y)) == panel.getpixel((cw // 3, ch // 3))
+    assert grid.image.height >= len(grid.layers) * (ch + cap)
+    with pytest.raises(BadInputError, match="click a cell"):
+        grid.pick([grid.image.width - 1, 2])
     with pytest.raises(BadInputError, match="k >= 2"):
         V.features_view(sess, [sc.image], "up.0", 100, 1)
 

@@ -106,16 +106,21 @@ def wait_text(pg, elem_id: str, pattern: str) -> str:  # type: ignore[no-untyped
     return box_text(pg, elem_id)
 
 
+def click_natural(pg, elem_id: str, nx: float, ny: float) -> None:  # type: ignore[no-untyped-def]
+    """Click natural-pixel (nx, ny) of the image shown in ``elem_id`` (scaled to fit, letterboxed)."""
+    img = pg.locator(f"#{elem_id} img").first
+    img.scroll_into_view_if_needed()
+    left, top, w, h, nw, nh = img.evaluate("(e) => { const r = e.getBoundingClientRect(); "
+                                           "return [r.left, r.top, r.width, r.height, e.naturalWidth, e.naturalHeight]; }")
+    r = min(w / nw, h / nh, 1)  # Gradio's own mapping of a click to image pixels
+    pg.mouse.click(left + (w - nw * r) / 2 + nx * r, top + (h - nh * r) / 2 + ny * r)
+
+
 def click_source_pixel(pg, x: int, y: int) -> None:  # type: ignore[no-untyped-def]
-    """Click the centre of original pixel (x, y) of the shown (enlarged, letterboxed) source image."""
-    img = pg.locator("#src-view img").first
-    b = img.evaluate("(e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.width, r.height, "
-                     "e.naturalWidth, e.naturalHeight]; }")
-    left, top, w, h, nw, nh = b
-    scale = nw // 64  # the app enlarges the 64x64 scenes by an integer factor
-    r = min(w / nw, h / nh, 1)
-    ox, oy = (w - nw * r) / 2, (h - nh * r) / 2
-    pg.mouse.click(left + ox + ((x + 0.5) * scale) * r, top + oy + ((y + 0.5) * scale) * r)
+    """Click the centre of original pixel (x, y) of the shown source image (the 64x64 scenes are enlarged)."""
+    nw = pg.locator("#src-view img").first.evaluate("(e) => e.naturalWidth")
+    scale = nw // 64
+    click_natural(pg, "src-view", (x + 0.5) * scale, (y + 0.5) * scale)
 
 
 def expected_matches(point: tuple[int, int]) -> dict[str, tuple[float, float]]:
@@ -199,9 +204,27 @@ def check_tab_runs(page, tab: str, prefix: str, status: str) -> None:  # type: i
     shot(page, status)
 
 
+def check_grid_cell_picks_layer_and_t(page) -> None:  # type: ignore[no-untyped-def]
+    """Features tab: the layer x t grid; clicking the cell of up.1, t=250 shows that setting."""
+    from difffeat.explore.views import GRID_CAPTION, GRID_CELL, GRID_PAD, GRID_TIMESTEPS
+
+    page.locator("#feat-grid").click()
+    wait_text(page, "feat-result", "click a cell")
+    page.locator("#feat-grid-view img").first.wait_for()
+    row, col = 6, 2  # down.0..3, mid, up.0, up.1 | t 25, 100, 250
+    x = GRID_PAD + col * (GRID_CELL + GRID_PAD) + GRID_CELL / 2
+    y = GRID_CAPTION + 2 * GRID_PAD + row * (GRID_CELL + GRID_CAPTION + GRID_PAD) + GRID_CELL / 2
+    click_natural(page, "feat-grid-view", x, y)
+    wait_text(page, "feat-result", f"up.1 t={GRID_TIMESTEPS[col]}: ")
+    assert box_text(page, "features-status") == "ok"
+    shot(page, "features")
+
+
 def test_explore_in_a_real_browser(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """One test (so pytest-xdist keeps it on one worker: one server start), in steps."""
     check_click_reports_the_library_match(page)
     check_corrupt_upload_shows_one_error_line_and_server_keeps_serving(page, tmp_path)
     for tab, prefix, status in TABS:
         check_tab_runs(page, tab, prefix, status)
+        if prefix == "feat":
+            check_grid_cell_picks_layer_and_t(page)

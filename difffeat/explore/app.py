@@ -142,22 +142,34 @@ def features_tab(s: Session) -> None:
         k = gr.Slider(2, 12, value=5, step=1, label="k-means parts")
     with gr.Row():
         show = gr.Button("co-PCA + parts", variant="primary", elem_id="feat-run")
-        sweep = gr.Button("layer × t grid of image A", elem_id="feat-grid")
-    out = view("co-PCA RGB and k-means parts", "feat-view")
+        sweep = gr.Button("layer × t grid of image A (click a cell to pick)", elem_id="feat-grid")
+    with gr.Row():
+        out = view("co-PCA RGB and k-means parts", "feat-view")
+        grid_view = view("layer × t grid", "feat-grid-view")
     info = gr.Textbox(label="features", interactive=False, max_lines=1, elem_id="feat-result")
     status = status_box("features")
+    grid_state = gr.State(None)
+    ins = [a_scene, a_up, b_scene, b_up, use_b, layer, t, k]
 
     def run(sa: str, ua: str | None, sb: str, ub: str | None, both: bool, ly: str, tt: float, kk: float) -> tuple[Any, ...]:
         ims = [pick(s, sa, ua)] + ([pick(s, sb, ub)] if both else [])
         return V.features_view(s, ims, ly, int(tt), int(kk))
 
     def grid(sa: str, ua: str | None) -> tuple[Any, ...]:
-        return V.sweep_grid(s, pick(s, sa, ua)), f"PCA RGB of {len(s.layer_names())} layers x t in {V_T}"
+        g = V.sweep_grid(s, pick(s, sa, ua))
+        return g, g.image, f"{len(g.layers)} layers x t in {g.timesteps}: click a cell to show it"
 
-    V_T = "(25, 100, 250, 500)"
-    show.click(guarded(run, 2), [a_scene, a_up, b_scene, b_up, use_b, layer, t, k], [out, info, status],
-               concurrency_id=CONCURRENCY)
-    sweep.click(guarded(grid, 2), [a_scene, a_up], [out, info, status], concurrency_id=CONCURRENCY)
+    def on_select(g: Any, sa: str, ua: str | None, sb: str, ub: str | None, both: bool, _ly: str, _t: float,
+                  kk: float, evt: gr.SelectData) -> tuple[Any, ...]:
+        if g is None:
+            raise DiffFeatError("make the layer x t grid first")
+        ly, tt = g.pick(evt.index)
+        return (ly, tt, *run(sa, ua, sb, ub, both, ly, tt, kk))
+
+    show.click(guarded(run, 2), ins, [out, info, status], concurrency_id=CONCURRENCY)
+    sweep.click(guarded(grid, 3), [a_scene, a_up], [grid_state, grid_view, info, status], concurrency_id=CONCURRENCY)
+    grid_view.select(guarded(on_select, 4), [grid_state, *ins], [layer, t, out, info, status],
+                     concurrency_id=CONCURRENCY)
 
 
 def classify_tab(s: Session) -> None:

@@ -28,8 +28,6 @@ MAX_PIXELS = 4096 * 4096
 CACHE_ENTRIES = 32
 #: Images shown smaller than this (longest side, pixels) are enlarged by an integer factor.
 VIEW_SIDE = 256
-#: Timesteps of the Features tab's layer x t grid.
-GRID_TIMESTEPS = (25, 100, 250, 500)
 #: Block-level layer names offered in the pickers, when the model has them.
 BLOCK_PREFIXES = ("down.", "mid", "up.")
 
@@ -145,7 +143,7 @@ class Session:
         self.model = model or own or DEFAULT_MODEL
         self.device, self.dtype, self.seed = device, dtype, seed
         self.scenes = shapes_scenes(scenes, seed)
-        self.features = LRU()
+        self.cache = LRU()
         self._extractors = LRU(8)
         self._bb: Any = None
 
@@ -206,7 +204,7 @@ class Session:
 
     def cached(self, image: Image.Image, settings: Hashable, make: Callable[[], Any]) -> Any:
         """``make()`` once per (image content, settings); later calls hit the cache."""
-        return self.features.get((content_key(image), settings), make)
+        return self.cache.get((content_key(image), settings), make)
 
     def feature_maps(self, image: Image.Image, layers: tuple[str, ...], timesteps: tuple[int, ...],
                      **kw: Any) -> dict[str, torch.Tensor]:

@@ -33,6 +33,8 @@ from difffeat.viz import co_pca_rgb, colormap, tile
 from .session import Session, enlarge, view_scale
 
 Progress = Callable[[float, str], Any]
+GRID_TIMESTEPS = (25, 100, 250, 500)  # the Features tab's layer x t sweep
+GRID_CELL, GRID_PAD, GRID_CAPTION = 96, 4, 12  # its panel side and tile layout (pixels)
 XY = tuple[float, float]
 
 
@@ -93,7 +95,7 @@ def correspond_pipeline(s: Session, preset: str, layer: str, t: int) -> tuple[An
     own_model = p.extract.get("model")
     if "fusion" in p.raw and s.model == own_model:
         key = ("correspond", preset)
-        pipe = s.features.get(("pipeline", preset), lambda: build_pipeline(preset, device=s.device, dtype=s.dtype))
+        pipe = s.cache.get(("pipeline", preset), lambda: build_pipeline(preset, device=s.device, dtype=s.dtype))
         return pipe, f"{preset}: the preset's fixed fused features (layer and t sliders do not apply)", key
     s.check_layer(layer)
     t = s.check_t(t)
@@ -198,19 +200,44 @@ def features_view(s: Session, images: list[Image.Image], layer: str, t: int, k: 
     return tile(panels, 3, captions=caps, scale=scale), info
 
 
-def sweep_grid(s: Session, image: Image.Image, timesteps: tuple[int, ...] = (25, 100, 250, 500)) -> Image.Image:
-    """PCA RGB of every block layer x timestep of one image (one denoiser batch)."""
+@dataclass
+class Grid:
+    """The layer x t sweep of one image: PCA RGB cells, rows = layers, columns = timesteps."""
+
+    image: Image.Image
+    layers: tuple[str, ...]
+    timesteps: tuple[int, ...]
+    cell: tuple[int, int]  # (w, h) of one panel
+
+    def pick(self, index: Any) -> tuple[str, int]:
+        """The (layer, t) of the cell under a click at pixel ``index = [x, y]`` of :attr:`image`
+        (the layout of :func:`difffeat.viz.tile` with a title and captions)."""
+        if not isinstance(index, (list, tuple)) or len(index) != 2:
+            raise BadInputError("click a cell of the layer x t grid")
+        (x, y), (cw, ch) = index, self.cell
+        top = GRID_CAPTION + GRID_PAD
+        col, row = (int(x) - GRID_PAD) // (cw + GRID_PAD), (int(y) - top - GRID_PAD) // (ch + GRID_CAPTION + GRID_PAD)
+        if not (0 <= col < len(self.timesteps) and 0 <= row < len(self.layers)):
+            raise BadInputError("click a cell of the layer x t grid")
+        return self.layers[row], self.timesteps[col]
+
+
+def sweep_grid(s: Session, image: Image.Image, timesteps: tuple[int, ...] = GRID_TIMESTEPS) -> Grid:
+    """PCA RGB of every block layer x timestep of one image (one extraction for the whole grid)."""
     from difffeat.viz import pca_rgb
 
     n = int(s.backbone.num_train_timesteps)
-    ts = tuple(t for t in timesteps if 0 <= t < n)
+    ts = tuple(t for t in timesteps if 0 <= t < n) or (s.model_defaults()["t"],)
     layers = tuple(s.layer_names())
     maps = s.feature_maps(image, layers, ts)
-    keys = list(maps) if len(ts) > 1 else [f"{l}" for l in layers]
-    panels = [pca_rgb(maps[key], (image.width, image.height)) for key in keys]
-    caps = [key.replace("@t", " t=") if len(ts) > 1 else f"{key} t={ts[0]}" for key in keys]
-    return tile(panels, len(ts), captions=caps, scale=max(1, view_scale(image.size) // 3),
-                title=f"{s.model}: PCA RGB per layer (rows) x t (columns)")
+    f = GRID_CELL / max(image.size)
+    cell = (max(1, round(image.width * f)), max(1, round(image.height * f)))
+    keys = [f"{layer}@t{t}" if len(ts) > 1 else layer for layer in layers for t in ts]
+    panels = [pca_rgb(maps[key], cell) for key in keys]
+    caps = [f"{layer} t={t}" for layer in layers for t in ts]
+    img = tile(panels, len(ts), captions=caps, pad=GRID_PAD, caption_h=GRID_CAPTION,
+               title="PCA RGB: layer (rows) x t (columns)")
+    return Grid(img, layers, ts, cell)
 
 
 # --------------------------------------------------------------------------- classify
@@ -346,7 +373,7 @@ def head_view(s: Session, image: Image.Image, head: str | None) -> tuple[Image.I
     if not path.exists():
         raise BadInputError(f"no such head folder: {path}")
     expect = {"preset": os.path.abspath(s.model) if os.path.isdir(s.model) else s.model}
-    pred = s.features.get(("head", str(path.resolve())),
+    pred = s.cache.get(("head", str(path.resolve())),
                           lambda: DensePredictor.from_checkpoint(path, expect, s.device, s.dtype))
     out = final_prediction(pred.task, pred.predict([image])[0]).numpy()
     if pred.task == "seg":
@@ -393,7 +420,7 @@ def dire_detector(s: Session, steps: int) -> Any:
     settings = DireSettings.from_dict({**get_detect_preset(name)["detect"].get("dire", {}), "steps": int(steps),
                                        "resolution": res, "spacing": "linspace"})
     cfg = {"preset": name, "score": "dire", "dire": settings.to_dict()}
-    return s.features.get(("dire", settings.to_dict().__repr__()),
+    return s.cache.get(("dire", settings.to_dict().__repr__()),
                           lambda: Detector(cfg, settings.resolution, settings.resize, bb=bb, settings=settings))
 
 
@@ -401,7 +428,7 @@ def aeroblade_view(s: Session, image: Image.Image) -> tuple[Image.Image, str]:
     """AEROBLADE (preset ``aeroblade``): the VGG layer-2 distance map of the best autoencoder."""
     from difffeat.tasks.detect import detector_from_preset
 
-    det = s.features.get(("aeroblade",), lambda: detector_from_preset("aeroblade", device=s.device, dtype=s.dtype))
+    det = s.cache.get(("aeroblade",), lambda: detector_from_preset("aeroblade", device=s.device, dtype=s.dtype))
     x = det.prepare(image)[None]
     out = det(x)
     best = int(torch.stack([out[f"dist:{ae.name}"] for ae in det.autoencoders], 1).argmin(1)[0])
