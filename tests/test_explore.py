@@ -102,6 +102,8 @@ def test_clicks_outside_the_image_and_unknown_names_are_one_line_errors(sess: S.
         V.click_match(sess, sc.image, sc.view2, (3, 3), "dift", "up.0", 1000)
     with pytest.raises(UnknownNameError):
         S.Session(preset="no-such-preset")
+    with pytest.raises(BadInputError, match="correspondence preset"):
+        S.Session(preset="diffseg")
 
 
 def test_uploads_go_through_the_loader_and_huge_images_are_refused(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -6,10 +6,12 @@ tab and checks the reported match against difffeat.heads.matching on the same fe
 uploads a corrupt file and reads the error line, and runs and screenshots every tab (screenshots in $DIFFFEAT_EXPLORE_ARTIFACTS or
 tests/artifacts/explore; not asserted on pixels).
 
-Skips (with the reason) when chromium, gradio or playwright is missing; CI installs all three.
+Skips (with the reason) when chromium, gradio (``[explore]``) or playwright (``[test]``) is
+missing; CI installs all three.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -33,8 +35,9 @@ POINT = (20, 37)  # the source pixel clicked (on the first scene)
 
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
-pytest.importorskip("gradio", reason="the [explore] extra (gradio) is not installed")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the [explore] extra (playwright) is not installed")
+if importlib.util.find_spec("gradio") is None:  # the server imports it; this process needs not
+    pytest.skip("the [explore] extra (gradio) is not installed", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (the [test] extra) is not installed")
 
 
 def free_port() -> int:

@@ -66,5 +66,8 @@ def explore_cmd(model: str | None, preset: str | None, port: int, host: str, sha
         click.echo(warning, err=True)
     app = build_app(session)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=host, server_port=port, share=share, quiet=False, show_error=False, ssr_mode=False,
-               max_file_size="64mb", theme=theme(), footer_links=[])
+    try:
+        app.launch(server_name=host, server_port=port, share=share, quiet=False, show_error=False, ssr_mode=False,
+                   max_file_size="64mb", theme=theme(), footer_links=[])
+    except OSError as e:  # port taken, address not local
+        raise DiffFeatError(f"cannot serve on {host}:{port}: {str(e).splitlines()[0]}; choose another --port") from None

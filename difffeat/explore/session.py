@@ -139,6 +139,9 @@ class Session:
 
         self.preset = preset or "dift"
         p = get_preset(self.preset)  # an unknown --preset fails at start, with the valid names
+        if p.task != "correspond":
+            raise BadInputError(f"--preset {self.preset} is a {p.task or 'feature'} preset; explore takes a "
+                                "correspondence preset (difffeat models lists them)")
         own = p.extract.get("model") if preset else None  # a fusion preset: its diffusion model
         self.model = model or own or DEFAULT_MODEL
         self.device, self.dtype, self.seed = device, dtype, seed
