@@ -165,26 +165,29 @@ def test_classify_reports_progress_and_the_evaluations_used(sess: S.Session) -> 
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
     assert sorted(row[1] for row in r.rows) == ["disk", "square", "star", "triangle"]
     assert [row[0] for row in r.rows] == [1, 2, 3, 4]
+    assert all(row[3] == 2 for row in r.rows)  # every class scored on the same 2 (t, noise) pairs ...
+    assert [row[2] for row in r.rows] == sorted(row[2] for row in r.rows)  # ... so ranked by mean error
     with pytest.raises(BadInputError, match="shapes classes"):
         V.classify_image(sess, sess.scenes[0].image, "cat, dog", "2", "1")
 
 
-def _head(folder: Path, sess: S.Session, preset: str) -> Path:
+def _head(folder: Path, sess: S.Session, preset: str, task: str = "seg") -> Path:
     from difffeat.heads import build_head, save_head
 
     info = sess.extractor(("up.0",), (100,)).feature_info
-    head = build_head("probe", info, num_outputs=3)
+    head = build_head("probe", info, num_outputs=3 if task == "seg" else 1)
     return save_head(head, folder, backbone={"preset": preset, "layers": ["up.0"], "timesteps": [100]},
-                     task="seg", image_size=64)
+                     task=task, image_size=64)
 
 
 def test_dense_heads_zero_shot_and_another_backbone(sess: S.Session, tmp_path: Path) -> None:
     img = sess.scenes[0].image
     view, info = V.dense_view(sess, img, "k-means", 3, "up.0", 100, None)
     assert view.size == (256, 256) and "k=3" in info
-    mine = _head(tmp_path / "tiny", sess, "difffeat-tiny")
-    view, info = V.dense_view(sess, img, "head folder", 3, "up.0", 100, str(mine))
-    assert view.size == (256, 256) and info.startswith("seg head")
+    for task in ("seg", "depth", "edges"):
+        mine = _head(tmp_path / task, sess, "difffeat-tiny", task)
+        view, info = V.dense_view(sess, img, "head folder", 3, "up.0", 100, str(mine))
+        assert view.size == (256, 256) and info.startswith(f"{task} head")
     other = _head(tmp_path / "sd15", sess, "sd15")
     with pytest.raises(CheckpointMismatchError, match="preset 'sd15'"):
         V.dense_view(sess, img, "head folder", 3, "up.0", 100, str(other))

@@ -65,7 +65,7 @@ def image_input(s: Session, label: str, tab: str, default: int = 0) -> tuple[Any
     """A scene picker and an upload box (gr.File: the file goes through difffeat.io's loader)."""
     names = [sc.name for sc in s.scenes] + [UPLOAD]
     scene = gr.Dropdown(names, value=names[default], label=f"{label}: scene", elem_id=f"{tab}-scene")
-    upload = gr.File(label=f"{label}: or upload an image", file_types=["image"], type="filepath", height=110,
+    upload = gr.File(label=f"{label}: or upload an image", file_types=["image"], type="filepath", height=150,
                      elem_id=f"{tab}-upload")
     return scene, upload
 
@@ -180,7 +180,8 @@ def classify_tab(s: Session) -> None:
         ns = gr.Textbox(value="3,8" if tiny else "", label="timesteps per stage (n_samples; empty = paper default)")
         tk = gr.Textbox(value="2,1" if tiny else "", label="classes kept per stage (to_keep)")
     go = gr.Button("classify", variant="primary", elem_id="cls-run")
-    table = gr.Dataframe(headers=["rank", "class", "mean error", "score"], label="ranking", interactive=False)
+    table = gr.Dataframe(headers=["rank", "class", "mean error", "(t, noise) pairs scored", "score"], label="ranking",
+                         interactive=False)
     info = gr.Textbox(label="result", interactive=False, max_lines=1, elem_id="cls-result")
     status = status_box("classify")
 

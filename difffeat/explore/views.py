@@ -292,9 +292,9 @@ def classify_image(s: Session, image: Image.Image, classes: str, n_samples: str,
     finally:
         handle.remove()
     label = {str(i): n for i, n in zip(ids or names, names)}
-    rows = [[r + 1, label.get(str(c), str(c)), round(e, 5), round(sc, 4)]
-            for r, (c, e, _g, sc) in enumerate(pred.topk(len(names)))]
-    text = (f"top-1: {rows[0][1]} (score {rows[0][3]:.3f}); {pred.unet_evals} denoiser evaluations "
+    rows = [[r + 1, label.get(str(c), str(c)), round(e, 5), n, round(sc, 4)]  # ranked: later-stage survivors first
+            for r, (c, e, n, sc) in enumerate(zip(pred.classes, pred.errors, pred.samples, pred.scores))]
+    text = (f"top-1: {rows[0][1]} (score {rows[0][4]:.3f}); {pred.unet_evals} denoiser evaluations "
             f"(schedule plans {planned})")
     return Ranking(rows, pred.unet_evals, planned, text)
 
