@@ -247,7 +247,7 @@ def convert_cmd(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- task commands
-# (group, module of difffeat.tasks, attribute: a click command or a list of them). The one
+# (group, module of difffeat.tasks (or a dotted module path), attribute: a click command or a list of them). The one
 # place where task commands join the CLI.
 TASK_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("", "classify", "classify_cmd"), ("train", "classify", "train_probe_cmd"), ("sweep", "classify", "sweep_probe_cmd"),
@@ -256,6 +256,7 @@ TASK_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("", "dense", "segment_cmd"), ("", "dense", "depth_cmd"), ("", "dense", "edges_cmd"),
     ("train", "dense", "TRAIN_COMMANDS"), ("eval", "dense", "EVAL_COMMANDS"),
     ("", "detect", "detect_cmd"), ("train", "detect", "train_dire_cmd"), ("eval", "detect", "eval_detect_cmd"),
+    ("", "difffeat.explore.command", "explore_cmd"),  # the browser app (gradio imported only when it runs)
 )
 
 
@@ -263,7 +264,8 @@ def register_commands() -> click.Group:
     """Add every task command to its group (idempotent) and return the ``difffeat`` group."""
     groups = {"": cli, "train": train, "eval": eval_group, "sweep": sweep}
     for group, module, attr in TASK_COMMANDS:
-        obj = getattr(importlib.import_module(f"difffeat.tasks.{module}"), attr)
+        name = module if "." in module else f"difffeat.tasks.{module}"
+        obj = getattr(importlib.import_module(name), attr)
         for command in obj if isinstance(obj, (list, tuple)) else [obj]:
             groups[group].add_command(command)
     return cli
