@@ -1,15 +1,16 @@
 """The ``difffeat`` command line.
 
-Core commands live here (``models``, ``layers``, ``extract``); every module in
-``difffeat.tasks`` adds its own commands to the groups defined below (``cli``, ``train``,
-``eval_group``, ``sweep``), and :func:`main` imports them all.
+Core commands live here (``models``, ``layers``, ``extract``, ``download``, ``convert``). The
+task modules in ``difffeat.tasks`` define plain click commands; :func:`register_commands` is
+the one place that adds them to the groups below (``cli``, ``train``, ``eval``, ``sweep``), so
+``difffeat``, ``python -m difffeat`` and ``python -m difffeat.cli`` see the same commands
+(a module run as ``__main__`` is a second copy: nothing registers on it by import).
 
 Every user error becomes one line ``error: ...`` on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,8 @@ def sweep() -> None:
 def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options every extracting command shares (-m, -l, -t, -e, ...)."""
     opts = [
-        click.option("-m", "--model", default=None, help="Model or method preset, local diffusers folder or hub id (default: difffeat-tiny)."),
+        click.option("-m", "--model", default=None, help="Model or method preset, local diffusers folder, hub id or .safetensors file (default: difffeat-tiny)."),
+        click.option("--weights", default=None, help="A single-file .safetensors checkpoint loaded with -m's configs (e.g. -m sd15 --weights v1-5-pruned-emaonly.safetensors)."),
         click.option("-l", "--layer", "layers", multiple=True, help="Layer name (repeatable); see `difffeat layers MODEL`."),
         click.option("-t", "--timestep", "timesteps", multiple=True, type=int, help="Timestep (repeatable)."),
         click.option("-e", "--ensemble", type=int, default=None, help="Noise draws averaged per image."),
@@ -77,13 +79,30 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def model_with_weights(model: str | None, weights: str | None) -> str | None:
+    """``-m PRESET --weights FILE``: the model name that loads FILE with PRESET's configs."""
+    if not weights:
+        return model
+    from .checkpoints import single_file
+    from .registry import MODELS, is_feature_model
+
+    if is_feature_model(MODELS.get(model)):  # timm loads the file itself
+        import os
+
+        os.environ["DIFFFEAT_DINOV2_WEIGHTS"] = weights
+        return model
+    return single_file(weights, model)
+
+
 def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], ensemble: int | None,
                            prompt: str | None, noise: str | None, seed: int, resolution: int | None, resize: str | None,
-                           dtype: str | None, device: str | None, max_batch: int, compile_: bool, **_: Any) -> Any:
+                           dtype: str | None, device: str | None, max_batch: int, compile_: bool,
+                           weights: str | None = None, **_: Any) -> Any:
     """Build the extractor the shared options describe (on this rank's GPU under torchrun)."""
     from .distributed import rank_device
     from .factory import create
 
+    model = model_with_weights(model, weights)
     return create(model, layers=list(layers) or None, timesteps=list(timesteps) or None, ensemble=ensemble, prompt=prompt,
                   noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=rank_device(device),
                   max_batch=max_batch, compile=compile_)
@@ -91,19 +110,47 @@ def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps
 
 # ---------------------------------------------------------------- core commands
 @cli.command("models")
-def models_cmd() -> None:
-    """List model presets and method presets."""
-    from .registry import MODELS, method_presets, task_configs
+@click.option("--check-cache/--no-check-cache", default=True, show_default=True,
+              help="Look each model up in the local HF cache (no network either way).")
+def models_cmd(check_cache: bool) -> None:
+    """List model presets (source, local cache, licence, gating, size) and method presets."""
+    from .registry import MODELS, WEIGHT_SOURCES, method_presets, task_configs
 
     click.echo("models:")
     for name, p in sorted(MODELS.items()):
-        click.echo(f"  {name:<16} {p.family:<7} {p.resolution:>5}px  layers={','.join(p.layers)} t={','.join(map(str, p.timesteps))}  {p.hub_id}")
+        click.echo(f"  {name:<16} {p.family:<7} {p.resolution:>5}px  layers={','.join(p.layers)} t={','.join(map(str, p.timesteps))}")
+        click.echo(f"  {'':<16} {_source_line(p, check_cache)}")
+    click.echo("weight sources (parts loaded by method presets):")
+    for name, p in sorted(WEIGHT_SOURCES.items()):
+        click.echo(f"  {name:<16} {','.join(p.components):<7} {_source_line(p, check_cache)}")
+    from .registry import ADM_NOTE
+
+    click.echo(f"  {'adm (DIRE)':<16} {ADM_NOTE}")
     click.echo("method presets (difffeat.create / --preset):")
     for name, p in sorted(method_presets().items()):
         click.echo(f"  {name:<16} task={p.task:<11} {p.citation[:70]}")
     click.echo("task configs (--preset of detect, --config of train):")
     for path, data in task_configs():
         click.echo(f"  {data.get('name', path.stem):<16} task={str(data.get('task', '')):<11} {path.parent.name}/{path.name}")
+
+
+def _source_line(p: Any, check_cache: bool) -> str:
+    """``source [cached|not cached] licence, gated, size``: where the preset's weights come from."""
+    import os
+
+    from .hub import cached_snapshot, spec_for
+
+    if os.path.isdir(p.hub_id):
+        return f"embedded ({p.hub_id})"
+    spec = spec_for(p.name) if p.family != "autoencoder" else spec_for(p.hub_id)
+    where = ""
+    if check_cache:
+        hit = next((rid for rid in spec.cache_order if cached_snapshot(rid, spec.kind) is not None), None)
+        where = f" [cached: {hit}]" if hit else " [not cached]"
+    via = f" (then {', '.join(spec.candidates[1:])})" if spec.candidates[1:] else ""
+    old = f" (was {', '.join(p.aliases)})" if p.aliases else ""
+    gate = "GATED (accept the licence on the hub)" if p.gated else "not gated"
+    return f"{spec.candidates[0]}{via}{old}{where}  {p.license or '?'}, {gate}, {p.size or '?'}"
 
 
 @cli.command("layers")
@@ -167,20 +214,73 @@ def extract_cmd(images: Path, out_dir: Path, batch_size: int, latent: str | None
     extract_folder(ex, images, out_dir, batch_size=batch_size, save_dtype=save_dtype, viz_key=viz_layer, overwrite=overwrite)
 
 
-# ---------------------------------------------------------------- entry point
-def load_task_commands() -> None:
-    """Import every module of difffeat.tasks so its commands register on the groups above."""
-    import difffeat.tasks as tasks
+# ---------------------------------------------------------------- download / convert
+@cli.command("download")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--components", default=None, help="Comma-separated components to fetch (default: those difffeat loads).")
+@click.option("--variant", default=None, help="Weight variant, e.g. fp16 (half the size; default: full precision, "
+              "else the variant the repo has).")
+@click.option("--configs-only", is_flag=True, help="Only configs, tokenizers and scheduler (for --weights FILE).")
+def download_cmd(models: tuple[str, ...], components: str | None, variant: str | None, configs_only: bool) -> None:
+    """Fetch MODELS (presets, method presets, hub ids) into the HF cache, exactly the parts difffeat loads.
 
-    for mod in pkgutil.iter_modules(tasks.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"difffeat.tasks.{mod.name}")
+    Resumable (rerun after an interruption) and shown with a progress bar. Run it on a connected
+    login node, then run difffeat on the GPU nodes with HF_HUB_OFFLINE=1 and the same HF_HOME.
+    """
+    from .download import download, targets
+
+    comps = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
+    for target, parts in targets(models):
+        got = download(target, components=comps or parts, variant=variant, configs_only=configs_only)
+        click.echo(f"{target}: {got.repo_id} -> {got.path} ({got.size_text})")
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def convert_cmd(src: Path, dst: Path, overwrite: bool) -> None:
+    """Convert a pickled checkpoint (.ckpt/.pt/.pth/.bin) to safetensors, reading tensors only
+    (torch.load(weights_only=True): no code in the pickle runs)."""
+    from .checkpoints import convert_to_safetensors
+
+    n = convert_to_safetensors(src, dst, overwrite=overwrite)
+    click.echo(f"wrote {dst} ({n} tensors)")
+
+
+# ---------------------------------------------------------------- task commands
+# (group, module of difffeat.tasks (or a dotted module path), attribute: a click command or a list of them). The one
+# place where task commands join the CLI.
+TASK_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("", "classify", "classify_cmd"), ("train", "classify", "train_probe_cmd"), ("sweep", "classify", "sweep_probe_cmd"),
+    ("", "correspond", "correspond_cmd"), ("eval", "correspond", "eval_correspond_cmd"),
+    ("", "demo", "demo_cmd"),
+    ("", "dense", "segment_cmd"), ("", "dense", "depth_cmd"), ("", "dense", "edges_cmd"),
+    ("train", "dense", "TRAIN_COMMANDS"), ("eval", "dense", "EVAL_COMMANDS"),
+    ("", "detect", "detect_cmd"), ("train", "detect", "train_dire_cmd"), ("eval", "detect", "eval_detect_cmd"),
+    ("", "difffeat.explore.command", "explore_cmd"),  # the browser app (gradio imported only when it runs)
+)
+
+
+def register_commands() -> click.Group:
+    """Add every task command to its group (idempotent) and return the ``difffeat`` group."""
+    groups = {"": cli, "train": train, "eval": eval_group, "sweep": sweep}
+    for group, module, attr in TASK_COMMANDS:
+        name = module if "." in module else f"difffeat.tasks.{module}"
+        obj = getattr(importlib.import_module(name), attr)
+        for command in obj if isinstance(obj, (list, tuple)) else [obj]:
+            groups[group].add_command(command)
+    return cli
+
+
+load_task_commands = register_commands  # the name tests and scripts used before
 
 
 def main(argv: list[str] | None = None) -> None:
-    load_task_commands()
-    cli.main(args=argv, prog_name="difffeat")
+    register_commands().main(args=argv, prog_name="difffeat")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+if __name__ == "__main__":  # pragma: no cover  (python -m difffeat.cli: run the imported module's CLI)
+    from difffeat.cli import main as _main
+
+    _main(sys.argv[1:])

@@ -32,6 +32,26 @@ class WeightsNotFoundError(DiffFeatError, FileNotFoundError):
     """Model weights are not available locally and cannot be downloaded."""
 
 
+class OfflineNotCachedError(WeightsNotFoundError):
+    """``HF_HUB_OFFLINE`` is set and the model is not in the local cache."""
+
+
+class RepoNotFoundError(WeightsNotFoundError):
+    """No source of a model exists on the hub (each id tried is named)."""
+
+
+class GatedRepoAccessError(WeightsNotFoundError):
+    """A gated hub repository whose licence the user has not accepted (or no token)."""
+
+
+class PartialDownloadError(WeightsNotFoundError):
+    """A cached or local model lacks a component's file (an interrupted download)."""
+
+
+class UnsafeCheckpointError(BadInputError):
+    """A pickled checkpoint (.ckpt/.pt/.pth/.bin) given where difffeat loads only safetensors."""
+
+
 class CheckpointMismatchError(DiffFeatError, ValueError):
     """A head checkpoint was trained for a different backbone/layers/timesteps."""
 

@@ -1,9 +1,10 @@
 """Load diffusers-format checkpoints with the real ``from_pretrained``.
 
-A source is a hub id (``stabilityai/stable-diffusion-2-1``) or a local folder in
-diffusers layout (``model_index.json`` + one sub-folder per component). Downloads go
-through huggingface_hub, so ``HF_HUB_OFFLINE`` and ``HF_HOME`` are honoured. When the
-weights are not there, the user gets one line saying what to download and where.
+A source is a local folder in diffusers layout (``model_index.json`` + one sub-folder per
+component): a user's folder or a snapshot of the HF cache that :mod:`difffeat.hub` resolved
+from a preset or hub id (so ``HF_HUB_OFFLINE`` and ``HF_HOME`` are honoured), or a
+single-file ``.safetensors`` checkpoint (:mod:`difffeat.checkpoints`). When the weights are
+not there, the user gets one line saying what is missing and what to download.
 
 ``random_weights=True`` builds every model from its config only (for benchmarks on
 weight-less skeleton folders: speed does not depend on weight values).
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import WeightsNotFoundError
+from .errors import PartialDownloadError, WeightsNotFoundError
 
 DENOISER_KEYS = ("unet", "transformer")
 TOKENIZER_CLASSES = ("Tokenizer",)
@@ -36,46 +37,58 @@ def quiet_hf() -> None:
 
 
 def hf_home() -> str:
-    return os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    from .hub import hf_home as home
+
+    return home()
 
 
 def missing_weights_error(source: str, detail: str = "") -> WeightsNotFoundError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-    where = f"HF_HOME={hf_home()}"
+    """The one-line error for weights that are not where ``source`` says."""
+    from .hub import snapshot_repo
+
+    where = snapshot_repo(source) if os.path.isdir(source) else None
+    if where is not None:
+        return PartialDownloadError(
+            f"incomplete download of {where[0]} in {source} ({detail or 'files missing'}); run "
+            f"`difffeat download {where[0]}` (resumes) or `hf download {where[0]}`")
     if os.path.isdir(source):
-        msg = f"weights missing in local folder {source} ({detail or 'no weight files'}); put the checkpoint's *.safetensors there"
-    else:
-        msg = (
-            f"weights for {source!r} are not available{' (HF_HUB_OFFLINE is set)' if offline else ''}; "
-            f"run `huggingface-cli download {source}` on a connected machine and copy the cache to {where}, "
-            f"or pass a local diffusers folder with -m PATH"
-        )
-    return WeightsNotFoundError(msg)
+        return WeightsNotFoundError(
+            f"weights missing in local folder {source} ({detail or 'no weight files'}); put the checkpoint's "
+            f"*.safetensors there")
+    from .hub import offline_error, spec_for
+
+    return offline_error(spec_for(source))
 
 
 def read_model_index(source: str) -> dict[str, Any]:
-    """The pipeline's ``model_index.json`` (or a layout inferred from sub-folders)."""
-    if os.path.isdir(source):
-        p = Path(source) / "model_index.json"
-        if p.exists():
-            return json.loads(p.read_text())
-        index: dict[str, Any] = {}
-        for sub in sorted(Path(source).iterdir()):
-            cfg = sub / "config.json" if (sub / "config.json").exists() else sub / "scheduler_config.json"
-            if sub.is_dir() and cfg.exists():
-                cls = json.loads(cfg.read_text()).get("_class_name")
-                if cls:
-                    index[sub.name] = ["diffusers", cls]
-        if not index:
-            raise missing_weights_error(source, "no model_index.json and no component folders")
-        return index
-    from huggingface_hub import hf_hub_download
+    """The pipeline's ``model_index.json`` (or a layout inferred from sub-folders).
 
-    try:
-        path = hf_hub_download(source, "model_index.json")
-    except Exception as e:  # offline, missing repo, no network: all end the same way
-        raise missing_weights_error(source, type(e).__name__) from None
-    return json.loads(Path(path).read_text())
+    ``source`` is a local folder (a diffusers folder or a hub snapshot), a single-file checkpoint
+    seen by :func:`difffeat.checkpoints.resolve_checkpoint` (its preset's index), or a hub id
+    (resolved through :mod:`difffeat.hub` first).
+    """
+    from .checkpoints import registered
+
+    sf = registered(source)
+    if sf is not None:
+        source = sf.config_dir
+    elif not os.path.isdir(source):
+        from .registry import resolve_hub
+
+        source = str(resolve_hub(source))
+    p = Path(source) / "model_index.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    index: dict[str, Any] = {}
+    for sub in sorted(Path(source).iterdir()):
+        cfg = sub / "config.json" if (sub / "config.json").exists() else sub / "scheduler_config.json"
+        if sub.is_dir() and cfg.exists():
+            cls = json.loads(cfg.read_text()).get("_class_name")
+            if cls:
+                index[sub.name] = ["diffusers", cls]
+    if not index:
+        raise missing_weights_error(source, "no model_index.json and no component folders")
+    return index
 
 
 def component_class(lib: str, name: str) -> type:
@@ -89,24 +102,51 @@ def load_component(
     dtype: torch.dtype | None = None,
     random_weights: bool = False,
 ) -> Any:
-    """Load one component (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` ...)."""
+    """Load one component (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` ...).
+
+    ``source`` is a local folder or hub snapshot (weights of a hub snapshot are fetched now when
+    online, see :func:`difffeat.hub.ensure_weights`; an ``fp16``-only folder loads its variant) or a
+    registered single-file checkpoint (weights from the file, the rest from its preset's folder).
+    """
+    from .checkpoints import load_single_file_component, registered
+
     quiet_hf()
     lib, cls_name = spec[0], spec[1]
     if lib is None or cls_name is None:
         return None
     cls = component_class(lib, cls_name)
     is_model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+    sf = registered(source)
+    folder = sf.config_dir if sf is not None else source
     try:
         if not is_model:  # schedulers, tokenizers, feature extractors
-            return cls.from_pretrained(source, subfolder=name)
+            return cls.from_pretrained(folder, subfolder=name)
         if random_weights:
-            return _from_config(cls, source, name, dtype)
-        return cls.from_pretrained(source, subfolder=name, torch_dtype=dtype)
+            return _from_config(cls, folder, name, dtype)
+        if sf is not None:
+            return load_single_file_component(sf, name, list(spec), dtype)
+        variant = _weights_variant(folder, name)
+        return cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype, **({"variant": variant} if variant else {}))
     except (OSError, EnvironmentError, ValueError) as e:
+        if isinstance(e, WeightsNotFoundError):
+            raise
         text = str(e)
         if any(s in text for s in ("does not appear to have", "no file named", "Can't load", "offline", "not found", "couldn't connect", "Cannot find")) or isinstance(e, OSError):
-            raise missing_weights_error(source, f"{name}: {text.splitlines()[0][:160]}") from None
+            raise missing_weights_error(folder, f"{name}: {text.splitlines()[0][:160]}") from None
         raise
+
+
+def _weights_variant(folder: str, name: str) -> str | None:
+    """The variant to load (``fp16`` when only ``*.fp16.safetensors`` are there); fetches a hub
+    snapshot's missing weights when online; one line naming the missing file otherwise."""
+    from .hub import ensure_weights, snapshot_repo, weight_status
+
+    if snapshot_repo(folder) is not None:
+        return ensure_weights(Path(folder), name).variant
+    status = weight_status(Path(folder), name)
+    if not status.ok:
+        raise missing_weights_error(folder, f"{name}: no {status.missing}")
+    return status.variant
 
 
 def _from_config(cls: type, source: str, name: str, dtype: torch.dtype | None) -> torch.nn.Module:

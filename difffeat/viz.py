@@ -8,17 +8,25 @@ from PIL import Image
 
 def pca_rgb(feat: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
     """First three principal components of a [C,h,w] map as an RGB image (min-max per channel)."""
-    from .fusion import PCA
+    return co_pca_rgb([feat], size)[0]
 
-    c, h, w = feat.shape
-    proj = PCA.fit(feat.unsqueeze(0).float().cpu(), 3)(feat.unsqueeze(0).float().cpu())[0]  # [k,h,w]
-    if proj.shape[0] < 3:
-        proj = torch.cat([proj, proj.new_zeros(3 - proj.shape[0], h, w)])
-    lo = proj.flatten(1).min(1).values.view(3, 1, 1)
-    hi = proj.flatten(1).max(1).values.view(3, 1, 1)
-    img = ((proj - lo) / (hi - lo).clamp_min(1e-8) * 255).round().byte().permute(1, 2, 0).numpy()
-    out = Image.fromarray(img)
-    return out.resize(size, Image.NEAREST) if size else out
+
+def co_pca_rgb(feats: "list[torch.Tensor]", size: tuple[int, int] | None = None) -> "list[Image.Image]":
+    """One PCA fitted on the cells of every [C,h,w] map (same grid), its first three components
+    as RGB with one min-max per channel over all maps: SD-DINO's co-PCA visualisation, where
+    the same colour means the same feature direction in every image."""
+    from .fusion import co_pca
+
+    maps = torch.stack([f.float().cpu() for f in feats])
+    proj = co_pca(maps, 3)  # [B,k,h,w]
+    b, _, h, w = proj.shape
+    if proj.shape[1] < 3:
+        proj = torch.cat([proj, proj.new_zeros(b, 3 - proj.shape[1], h, w)], 1)
+    flat = proj.transpose(0, 1).flatten(1)
+    lo, hi = flat.min(1).values.view(1, 3, 1, 1), flat.max(1).values.view(1, 3, 1, 1)
+    imgs = ((proj - lo) / (hi - lo).clamp_min(1e-8) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    out = [Image.fromarray(im) for im in imgs]
+    return [im.resize(size, Image.NEAREST) for im in out] if size else out
 
 
 def palette(n: int, seed: int = 0) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from difffeat.cli import cli, extractor_from_options, model_options, sweep, train
+from difffeat.cli import extractor_from_options, model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
@@ -351,7 +351,7 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 
 
 # ---------------------------------------------------------------- difffeat classify
-@cli.command("classify")
+@click.command("classify")
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--classes", default=None, help="Comma-separated class names (or class ids for class-conditional models).")
 @click.option("--classes-file", type=click.Path(path_type=Path), default=None, help="One class per line.")
@@ -578,7 +578,7 @@ def probe_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-@train.command("probe")
+@click.command("probe")
 @click.argument("images", type=click.Path(path_type=Path))
 @model_options
 @probe_options
@@ -601,7 +601,7 @@ def train_probe_cmd(images: Path, pool: int, val_dir: Path | None, val_split: fl
     click.echo(f"wrote probe {out} ({len(classes)} classes, {ytr.numel()} training images, {x.shape[1]}-d features)")
 
 
-@sweep.command("probe")
+@click.command("probe")
 @click.argument("images", type=click.Path(path_type=Path))
 @model_options
 @probe_options

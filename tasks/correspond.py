@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from difffeat.cli import cli, eval_group, model_options
+from difffeat.cli import model_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.distributed import dist_info, rank_share
 from difffeat.fusion import l2_normalize, resample
@@ -651,7 +651,7 @@ def _pipeline_from_cli(preset: str, metric: str | None, mode: str | None, upsamp
     return build_pipeline(preset, matching=overrides, **opts)
 
 
-@cli.command("correspond")
+@click.command("correspond")
 @click.argument("source", type=click.Path(path_type=Path), required=False)
 @click.argument("target", type=click.Path(path_type=Path), required=False)
 @click.option("--points", "points_text", default=None, help="Source points 'x,y;x,y' (pixels, centres at integers).")
@@ -699,7 +699,7 @@ def correspond_cmd(source: Path | None, target: Path | None, points_text: str | 
     click.echo(f"{run.done} pair(s) matched, {run.skipped} skipped -> {out_dir}")
 
 
-@eval_group.command("correspond")
+@click.command("correspond")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--dataset", type=click.Choice(list(D.DATASETS)), required=True, help="spair (SPair-71k) or pfpascal.")
 @click.option("--split", default="test", show_default=True)

@@ -53,7 +53,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from difffeat.cli import cli
 from difffeat.errors import BadInputError
 from difffeat.io import list_images, load_image, save_json, save_png
 
@@ -450,7 +449,7 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@cli.command("demo")
+@click.command("demo")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
               help="Output folder (must be empty or new unless --overwrite).")
 @click.option("--scenes", type=click.IntRange(min=2), default=6, show_default=True, help="Held-out test scenes.")

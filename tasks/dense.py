@@ -22,7 +22,7 @@ import click
 import numpy as np
 import torch
 
-from difffeat.cli import cli, eval_group, extractor_from_options, model_options, train
+from difffeat.cli import extractor_from_options, model_options
 from difffeat.errors import BadInputError
 from difffeat.io import save_json
 
@@ -30,8 +30,8 @@ TASK_TITLES = {"seg": "semantic segmentation", "depth": "monocular depth", "edge
 
 
 # --------------------------------------------------------------------------- train
-def _train_command(task: str) -> None:
-    @train.command(task, help=f"Train a {TASK_TITLES[task]} head on frozen features of the labelled folder DATA.\n\n"
+def _train_command(task: str) -> click.Command:
+    @click.command(task, help=f"Train a {TASK_TITLES[task]} head on frozen features of the labelled folder DATA.\n\n"
                    f"Settings: configs/train/{task}.yaml, changed by --config FILE and KEY=VALUE overrides "
                    "(e.g. train.epochs=50 train.mode=online head.kind=probe backbone.model=sd21).")
     @click.argument("data", type=click.Path(path_type=Path))
@@ -67,9 +67,10 @@ def _train_command(task: str) -> None:
         if dist_info().is_main:  # under torchrun every rank gets here
             click.echo(f"checkpoint: {result['checkpoint']}")
 
+    return cmd
 
-for _task in ("seg", "depth", "edges"):
-    _train_command(_task)
+
+TRAIN_COMMANDS = [_train_command(_task) for _task in ("seg", "depth", "edges")]
 
 
 # --------------------------------------------------------------------------- predict
@@ -165,7 +166,7 @@ def _maker(head_path: Path, device: str | None, dtype: str | None, max_batch: in
     return lambda: DensePredictor.from_checkpoint(head_path, None, device, dtype, max_batch, compile_)
 
 
-@cli.command("segment")
+@click.command("segment")
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--head", "head_path", type=click.Path(path_type=Path), default=None, help="Segmentation head checkpoint folder.")
 @click.option("--zero-shot", "zero_shot", type=int, default=None, metavar="K", help="Unsupervised: K-means with K segments (no head).")
@@ -270,7 +271,7 @@ def _diffseg(images: Path, out_dir: Path, batch_size: int, overwrite: bool, opts
     click.echo(f"wrote {run.done} DiffSeg segmentation(s) (tau={tau}, {side}x{side} anchors) to {out_dir}")
 
 
-@cli.command("depth")
+@click.command("depth")
 @click.argument("images", type=click.Path(path_type=Path))
 @_device_options
 @_pred_options
@@ -296,7 +297,7 @@ def depth_cmd(images: Path, head_path: Path, model: str | None, layers: tuple[st
                      sliding_window, overlap, overwrite, write)
 
 
-@cli.command("edges")
+@click.command("edges")
 @click.argument("images", type=click.Path(path_type=Path))
 @_device_options
 @_pred_options
@@ -318,8 +319,8 @@ def edges_cmd(images: Path, head_path: Path, model: str | None, layers: tuple[st
 
 
 # --------------------------------------------------------------------------- eval
-def _eval_command(task: str) -> None:
-    @eval_group.command(task, help=f"Score {TASK_TITLES[task]} on the labelled folder DATA, with a head (--head) "
+def _eval_command(task: str) -> click.Command:
+    @click.command(task, help=f"Score {TASK_TITLES[task]} on the labelled folder DATA, with a head (--head) "
                         "or saved predictions (--pred, files named like the labels).")
     @click.argument("data", type=click.Path(path_type=Path))
     @click.option("--head", "head_path", type=click.Path(path_type=Path), default=None, help="Head checkpoint folder.")
@@ -372,6 +373,7 @@ def _eval_command(task: str) -> None:
         if out is not None:
             save_json(out, metrics)
 
+    return cmd
 
-for _task in ("seg", "depth", "edges"):
-    _eval_command(_task)
+
+EVAL_COMMANDS = [_eval_command(_task) for _task in ("seg", "depth", "edges")]

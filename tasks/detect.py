@@ -28,7 +28,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from difffeat.backbone import compile_denoiser
-from difffeat.cli import cli, eval_group, train
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
 from difffeat.heads.checkpoint import check_backbone, feature_record
@@ -375,7 +374,7 @@ def _make_detector(head: Path | None, training_free: bool, preset: str | None, m
                                 autoencoders=autoencoders, dtype=dtype, device=device, echo=_echo)
 
 
-@cli.command("detect")
+@click.command("detect")
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--head", "head", type=click.Path(path_type=Path), default=None, help="Detector checkpoint folder.")
 @click.option("--training-free", is_flag=True, help="Raw reconstruction-error score from --preset (default aeroblade).")
@@ -458,7 +457,7 @@ def write_scores_csv(out: Path, part_files: Sequence[Path], root: Path) -> int:
     return len(rows)
 
 
-@train.command("dire")
+@click.command("dire")
 @click.argument("real_dir", type=click.Path(path_type=Path))
 @click.argument("fake_dir", type=click.Path(path_type=Path))
 @click.option("--head", "head_kind", type=click.Choice(["classifier", "pooled", "training-free"]), default="classifier",
@@ -610,7 +609,7 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     return [p for p in paths if p.exists()]
 
 
-@eval_group.command("detect")
+@click.command("detect")
 @click.argument("real_dir", type=click.Path(path_type=Path))
 @click.argument("fake_dir", type=click.Path(path_type=Path))
 @click.option("--head", "head", type=click.Path(path_type=Path), default=None, help="Detector checkpoint folder.")

@@ -257,10 +257,9 @@ def _folders(root: Path) -> tuple[Path, Path]:
 
 
 def _run(args: list[str]):  # type: ignore[no-untyped-def]
-    import difffeat.tasks.detect  # noqa: F401  (registers the commands)
-    from difffeat.cli import cli
+    from difffeat.cli import register_commands
 
-    return CliRunner().invoke(cli, args, catch_exceptions=False)
+    return CliRunner().invoke(register_commands(), args, catch_exceptions=False)
 
 
 def test_train_detect_eval_cli(tiny_pixel_dir: Path, tiny_sd_dir: Path, tmp_path: Path) -> None:
