@@ -7,11 +7,12 @@ batches, read the requested layers with forward hooks and average over the ensem
 
 Deviations from the reference implementations, and why they are safe:
 
-* **VAE once** (DIFT runs the VAE ``ensemble`` times): with ``latent="mean"`` this is
-  *exact* up to floating-point noise (DIFT uses the posterior mean too); with
-  ``latent="sample"`` each member draws from N(mean, std) of the same posterior,
-  which is the same distribution DIFT samples, so the ensemble is *statistically
-  equivalent*.
+* **VAE once** (DIFT encodes the image repeated ``ensemble`` times and *samples* the
+  posterior for every member, ``latent_dist.sample()`` in its ``src/models/dift_sd.py``):
+  with ``latent="sample"`` (the ``dift`` preset) each member draws from N(mean, std) of
+  the one posterior, the distribution DIFT samples, so the ensemble is *statistically
+  equivalent*; ``latent="mean"`` (the API default) feeds the posterior mean to every
+  member, a deviation from DIFT (small with SD's VAE, whose posterior std is tiny).
 * **Early exit** after the deepest requested layer: the hook of that layer raises a
   private exception, so nothing after it runs. Layers before it are computed by the
   unchanged diffusers forward, so the features are *exactly* equal (tested).
@@ -74,7 +75,7 @@ class FeatureExtractor(nn.Module):
         ensemble: noise draws averaged per (image, timestep).
         noise: ``random`` (per image, batch-independent), ``fixed`` (shared) or ``clean``.
         seed: global seed for the noise.
-        latent: ``mean`` (posterior mean, DIFT) or ``sample`` (a posterior draw per member).
+        latent: ``mean`` (posterior mean) or ``sample`` (a posterior draw per member, as DIFT).
         prompt: default prompt (``""`` = the empty prompt, as DIFT without a category).
         class_label: default class for class-conditional models (None = null class).
         resolution / resize: how PIL inputs are prepared (see :func:`difffeat.io.prepare_image`).
