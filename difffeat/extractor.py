@@ -33,6 +33,7 @@ from . import __version__
 from .attention import AttentionCapture, parse_attention_name
 from .backbone import Conditioning, DiffusionBackbone, allow_recompiles
 from .errors import BadInputError, OutOfMemoryError, one_of
+from .freeu import FreeU
 from .io import prepare_image, image_key
 from .layers import block_level, image_stream, layer_modules
 from .noise import draw
@@ -83,6 +84,8 @@ class FeatureExtractor(nn.Module):
         compile: ``torch.compile`` the heavy sub-modules that carry no hook.
         early_exit: stop the forward after the deepest requested layer (exact).
         attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
+        freeu: ``None``, a :data:`difffeat.freeu.PRESETS` name (``geoaware``) or
+            :class:`~difffeat.freeu.FreeUSettings`: FreeU in the decoder (GeoAware-SC's features).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class FeatureExtractor(nn.Module):
         compile: bool = False,
         early_exit: bool = True,
         attention_heads: str = "mean",
+        freeu: Any = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -115,6 +119,8 @@ class FeatureExtractor(nn.Module):
         self.prompt, self.class_label = prompt, class_label
         self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
         self.early_exit = early_exit
+        self.freeu = FreeU(backbone.denoiser, freeu) if freeu else None
+        self._freeu_name = freeu if isinstance(freeu, str) else (None if freeu is None else repr(freeu))
         self._modules_by_name = layer_modules(backbone.denoiser)
         self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
         for name in self.layers:
@@ -180,6 +186,7 @@ class FeatureExtractor(nn.Module):
             "timesteps": self.timesteps, "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed,
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
+            **({"freeu": self._freeu_name} if self.freeu else {}),
         }
 
     # ------------------------------------------------------------------ inputs
@@ -309,8 +316,9 @@ class FeatureExtractor(nn.Module):
 
         handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
         attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
+        freeu = self.freeu.active() if self.freeu else contextlib.nullcontext()
         try:
-            with attention as sinks:
+            with attention as sinks, freeu:
                 try:
                     self.backbone.predict(x_t, t, cond)
                 except _StopForward:
@@ -319,7 +327,7 @@ class FeatureExtractor(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return captured
+        return self.freeu.scale_stored(captured) if self.freeu else captured
 
     # ------------------------------------------------------------------ speed
     def compile_denoiser(self) -> None:

@@ -68,6 +68,7 @@ class MatchSettings:
     window_radius: int = M.GEOAWARE_WINDOW_RADIUS
     temperature: float = M.GEOAWARE_TEMPERATURE
     flip_test: bool = False
+    src_read: str = "bilinear"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, **overrides: Any) -> "MatchSettings":
@@ -81,11 +82,13 @@ class MatchSettings:
             raise one_of("metric", s.metric, M.METRICS)
         if s.mode not in M.POINT_MODES:
             raise one_of("matching mode", s.mode, M.POINT_MODES)
+        if s.src_read not in M.SRC_READS:
+            raise one_of("source read", s.src_read, M.SRC_READS)
         return s
 
     def point_kwargs(self) -> dict[str, Any]:
         return dict(metric=self.metric, mode=self.mode, upsample=self.upsample,
-                    window_radius=self.window_radius, temperature=self.temperature)
+                    window_radius=self.window_radius, temperature=self.temperature, src_read=self.src_read)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ class CorrespondPipeline:
         groups = [[torch.cat([la, lb]) for la, lb in zip(sa, sb)] for sa, sb in zip(a.raw, b.raw)]
         dims = None if ex.pca_mode == "none" else ex.pca_dims
         pcas = ex.pcas if ex.pca_mode == "fitted" else None
-        fused = fuse(groups, ex.weights, ex.grid, dims, pcas)
+        fused = fuse(groups, ex.weights, ex.grid, dims, pcas, ex.resample_mode)
         return fused[0], fused[1]
 
     # ---------------------------------------------------------------- matching
@@ -753,5 +756,5 @@ def eval_correspond_cmd(root: Path, dataset: str, split: str, normaliser: str | 
     if out_dir is not None:
         click.echo(f"wrote {Path(out_dir) / 'pck.json'}")
     else:
-        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "pairs",
+        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "category_mean", "pairs",
                                                        "keypoints")}))
