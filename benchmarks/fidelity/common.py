@@ -9,13 +9,14 @@ the user made (default ``.refs/<name>`` in the repository root, git-ignored, nev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,13 +48,30 @@ def ref_commit(path: Path) -> str:
         return "unknown"
 
 
-def stub_modules(*names: str) -> None:
-    """Empty stand-ins for plotting/IO imports a reference module needs only for figures."""
-    for name in names:
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__getattr__ = lambda attr: None  # type: ignore[attr-defined]
-            sys.modules[name] = mod
+class _Anything:
+    """Any attribute or call of a stubbed module (used only in figure code and annotations)."""
+
+    def __getattr__(self, attr: str) -> "_Anything":
+        return self
+
+    def __call__(self, *a: Any, **k: Any) -> "_Anything":
+        return self
+
+
+@contextlib.contextmanager
+def stub_modules(*names: str) -> Iterator[None]:
+    """Stand-ins for plotting/IO imports a reference module needs only for figures, present
+    while the reference is imported (diffusers must never see them: it probes matplotlib)."""
+    added = [n for n in names if n not in sys.modules]
+    for name in added:
+        mod = types.ModuleType(name)
+        mod.__getattr__ = lambda attr: _Anything()  # type: ignore[attr-defined]
+        sys.modules[name] = mod
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def tiny_sd(tmp: Path | None = None) -> Any:
@@ -84,3 +102,29 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
 def emit(method: str, reference: str, ref: Path, **fields: Any) -> None:
     """Print the one JSON line of a method."""
     print(json.dumps({"method": method, "reference": reference, "commit": ref_commit(ref), **fields}))
+
+
+SD_LAYERS = ["up.0.res.1", "up.1.attn.1", "up.2.attn.1"]  # ODISE's s5, s4, s3 (decoder_only)
+
+
+def sd_dino_pair_features(bb: Any, t: int, sd_side: int = 256, dino_side: int = 224, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A pair's SD maps (s5, s4, s3 at sd_side / 64, 32, 16) and tiny random DINOv2 maps
+    (dino_side / 14 cells), through difffeat: the inputs both harnesses hand to the reference
+    functions and to difffeat's fusion. Returns ([s5, s4, s3] each [2, C, h, w], dino [2, C, g, g])."""
+    import difffeat
+    from difffeat.dino import DinoExtractor
+
+    x1, x2 = images(1, sd_side, seed), images(1, sd_side, seed, second=True)
+    x = torch.cat([x1, x2])
+    ex = difffeat.create(bb.source, backbone=bb, layers=SD_LAYERS, timesteps=[t], noise="fixed", seed=seed)
+    sd = ex(x)
+    torch.manual_seed(seed)
+    dino = DinoExtractor("dinov2-s", layers=["block.1"], random_weights=True, device="cpu", dtype="fp32", depth=2)
+    small = torch.nn.functional.interpolate(x, size=(dino_side, dino_side), mode="bicubic", align_corners=False).clamp(0, 1)
+    return [sd[k] for k in SD_LAYERS], dino(small)["block.1"]
+
+
+def keypoints(n: int, side: int, seed: int = 0) -> torch.Tensor:
+    """``n`` integer (x, y) source keypoints in a ``side`` x ``side`` frame."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, side, (n, 2), generator=g).float()

@@ -29,10 +29,9 @@ def load_reference(path):  # type: ignore[no-untyped-def]
     import diffusers.models.unets.unet_2d_condition as moved
 
     sys.modules.setdefault("diffusers.models.unet_2d_condition", moved)
-    stub_modules("matplotlib", "matplotlib.pyplot")
     sys.path.insert(0, str(path))
-    from src.models import dift_sd
-
+    with stub_modules("matplotlib", "matplotlib.pyplot"):
+        from src.models import dift_sd
     return dift_sd
 
 
