@@ -752,7 +752,10 @@ def eval_correspond_cmd(root: Path, dataset: str, split: str, normaliser: str | 
     paper = (pipeline.preset.get("paper_results") or {}).get("spair71k" if dataset == "spair" else "pfpascal")
     if paper:
         nums = ", ".join(f"{k}: {v}" for k, v in paper.items() if k.startswith("pck"))
-        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {paper.get('averaging', 'per image')}): {nums}")
+        averaging = str(paper.get("averaging", "per image"))
+        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {averaging}): {nums}")
+        ours = summary["category_mean"] if "categor" in averaging else summary["per_image"]
+        click.echo("difffeat, same averaging: " + ", ".join(f"pck@{a}: {v:.1f}" for a, v in ours.items()))
     if out_dir is not None:
         click.echo(f"wrote {Path(out_dir) / 'pck.json'}")
     else:

@@ -152,6 +152,7 @@ def test_eval_correspond_prints_pck_and_resumes(tiny_sd_dir, tmp_path):
     assert "normaliser: bbox" in lines[1] and [ln.split()[0] for ln in lines[3:6]] == ["cat", "dog", "all"]
     assert "paper (bbox normaliser, per image): pck@0.1: 52.9" in r.output
     summary = json.loads((out / "pck.json").read_text())
+    assert f"difffeat, same averaging: pck@0.05: {summary['per_image']['0.05']:.1f}" in r.output
     assert summary["pairs"] == 3 and summary["keypoints"] == 9 and set(summary["per_image"]) == {"0.05", "0.1", "0.15"}
     preds = (out / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 3
