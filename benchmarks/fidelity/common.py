@@ -128,3 +128,24 @@ def keypoints(n: int, side: int, seed: int = 0) -> torch.Tensor:
     """``n`` integer (x, y) source keypoints in a ``side`` x ``side`` frame."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, side, (n, 2), generator=g).float()
+
+
+def correspondence_utils(path: Path) -> Any:
+    """The release's ``utils/utils_correspondence.py`` (SD-DINO or GeoAware-SC), imported with
+    its figure-only imports stubbed (fresh each time: both releases name the package ``utils``)."""
+    for name in [n for n in sys.modules if n == "utils" or n.startswith("utils.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(path))
+    try:
+        with stub_modules("matplotlib", "matplotlib.pyplot", "matplotlib.colors", "matplotlib.patches", "cv2"):
+            from utils import utils_correspondence
+    finally:
+        sys.path.remove(str(path))
+    return utils_correspondence
+
+
+def pair_setup(t: int, seed: int) -> tuple[Any, Any]:
+    """The tiny SD's pair features (see :func:`sd_dino_pair_features`) without gradients."""
+    bb = tiny_sd()
+    with torch.no_grad():
+        return sd_dino_pair_features(bb, t=t, seed=seed)

@@ -11,13 +11,12 @@ L25-39 ``normalize_feats`` (DUMMY_NET: SD and DINO normalised apart, then togeth
 """
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
 import torch.nn.functional as F
 
-from common import emit, keypoints, parse_args, sd_dino_pair_features, stub_modules, tiny_sd
+from common import correspondence_utils, emit, keypoints, pair_setup, parse_args
 
 
 def reference_descriptors(sd, dino):  # type: ignore[no-untyped-def]
@@ -37,12 +36,8 @@ def main() -> None:
     from difffeat.fusion import fuse
     from difffeat.heads.matching import match_points
 
-    bb = tiny_sd()
-    with torch.no_grad():
-        sd, dino = sd_dino_pair_features(bb, t=50, seed=args.seed)
-    sys.path.insert(0, str(args.ref))
-    with stub_modules():
-        from utils import utils_correspondence as utils
+    sd, dino = pair_setup(50, args.seed)
+    utils = correspondence_utils(args.ref)
     g, side = dino.shape[-1], 224
     utils.get_flow.__defaults__ = (0, g)  # its num_patches default is the release's 60; the tiny grid is 16
     with torch.no_grad():

@@ -12,7 +12,6 @@ commit and this command.
 from __future__ import annotations
 
 import argparse
-import sys
 import types
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 import diffseg as DS
 import geoaware as GA
 import sd_dino as SDD
-from common import ROOT, keypoints, ref_commit, stub_modules
+from common import ROOT, correspondence_utils, keypoints, ref_commit
 
 OUT = ROOT / "tests" / "fixtures" / "fidelity"
 COMMAND = "python benchmarks/fidelity/make_fixtures.py"
@@ -44,18 +43,8 @@ def correspondence_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
             "dino": torch.randn(2, 16, 16, 16, generator=g), "kps": keypoints(40, 224, seed)}
 
 
-def import_utils(path: Path):  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(path))
-    for name in [n for n in sys.modules if n == "utils" or n.startswith("utils.")]:
-        del sys.modules[name]
-    with stub_modules("matplotlib", "matplotlib.pyplot", "matplotlib.colors", "matplotlib.patches", "cv2"):
-        from utils import utils_correspondence
-    sys.path.remove(str(path))
-    return utils_correspondence
-
-
 def sd_dino_fixture(path: Path, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    utils = import_utils(path)
+    utils = correspondence_utils(path)
     sd = [x["s5"], x["s4"], x["s3"]]
     desc = SDD.reference_descriptors(utils, sd, x["dino"])
     pts = SDD.reference_match(utils, desc, x["kps"], 224, 16)
@@ -63,7 +52,7 @@ def sd_dino_fixture(path: Path, x: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def geoaware_fixture(path: Path, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    utils = import_utils(path)
+    utils = correspondence_utils(path)
     utils.get_flow.__defaults__ = (0, 16)
     desc = GA.reference_descriptors([x["s5"], x["s4"], x["s3"]], x["dino"])
     opts = types.SimpleNamespace(ANNO_SIZE=224, SOFT_EVAL=True, SOFT_EVAL_WINDOW=5)

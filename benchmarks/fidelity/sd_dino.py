@@ -11,11 +11,9 @@ both sides (difffeat does that itself), so both draw the same random matrix.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from common import diff, emit, keypoints, parse_args, sd_dino_pair_features, stub_modules, tiny_sd
+from common import correspondence_utils, diff, emit, keypoints, pair_setup, parse_args
 
 K = 8  # PCA dims per SD layer (the release: 256 of 1280/1280/640; the tiny layers have 32/32/16)
 
@@ -60,12 +58,8 @@ def main() -> None:
     from difffeat.fusion import fuse
     from difffeat.heads.matching import match_points
 
-    bb = tiny_sd()
-    with torch.no_grad():
-        sd, dino = sd_dino_pair_features(bb, t=100, seed=args.seed)
-    sys.path.insert(0, str(args.ref))
-    with stub_modules("matplotlib", "matplotlib.pyplot", "matplotlib.colors", "matplotlib.patches", "cv2"):
-        from utils import utils_correspondence as utils
+    sd, dino = pair_setup(100, args.seed)
+    utils = correspondence_utils(args.ref)
     with torch.no_grad():
         g, side = dino.shape[-1], 224
         ref = reference_descriptors(utils, sd, dino)
