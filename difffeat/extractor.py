@@ -338,6 +338,7 @@ class FeatureExtractor(nn.Module):
         """
         allow_recompiles()  # one graph per block shape (the default 8 leaves most resnets eager)
         hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
+        hooked |= {id(r) for r, *_ in self.freeu.plan} if self.freeu else set()  # per-call FreeU pre-hooks
         captured = self._attention.contains() if self._attention else set()
         for m in self.backbone.denoiser.modules():
             if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D", "DiTTransformer2DModelBlock", "JointTransformerBlock") and id(m) not in hooked:

@@ -237,3 +237,18 @@ def test_source_descriptor_read_at_the_containing_cell() -> None:
     # matching the source map into itself from the cell read lands on that cell's centre
     m = match_points(feats[0], feats[0], pts[0], src_size=(16, 16), tgt_size=(16, 16), upsample=False, src_read="cell")
     torch.testing.assert_close(m.points, torch.tensor([[5.5, 1.5], [1.5, 13.5], [13.5, 9.5]]))
+
+
+def test_pad_policy_resizes_with_lanczos_as_sd_dino() -> None:
+    """utils_correspondence.resize: LANCZOS to the target's longer side, centred on a black square."""
+    import numpy as np
+    from PIL import Image
+
+    from difffeat.io import pil_to_tensor, prepare_image
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    p = prepare_image(img, 40, "pad")
+    canvas = np.zeros((40, 40, 3), np.uint8)
+    canvas[(40 - 24) // 2:(40 + 24) // 2] = np.asarray(img.resize((40, 24), Image.LANCZOS))
+    torch.testing.assert_close(p.image, pil_to_tensor(Image.fromarray(canvas)))
