@@ -68,7 +68,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--noise", type=click.Choice(["random", "fixed", "clean"]), default=None),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--resolution", type=int, default=None, help="Input size (default: the model's)."),
-        click.option("--resize", type=click.Choice(["resize", "pad", "snap"]), default=None),
+        click.option("--resize", type=click.Choice(["resize", "pad", "crop", "snap"]), default=None),
         click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: bf16 on CUDA, fp32 on CPU."),
         click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)."),
         click.option("--max-batch", type=int, default=16, show_default=True, help="Denoiser rows per call."),

@@ -40,6 +40,8 @@ def create(
     use_t5: bool = True,
     prompt_cache: str | None = None,
     backbone: DiffusionBackbone | None = None,
+    freeu: Any = None,
+    window: int | None = None,
 ) -> Any:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
@@ -51,7 +53,9 @@ def create(
 
     ``attention_heads`` ("mean" or "all") shapes ``attn.*`` layers; ``use_t5=False`` never loads
     T5 text encoders (SD3, PixArt); ``prompt_cache`` is a folder of cached prompt embeddings
-    (see :func:`~difffeat.backbone.load_backbone`).
+    (see :func:`~difffeat.backbone.load_backbone`). ``freeu`` turns FreeU on in the decoder
+    (:mod:`difffeat.freeu`, GeoAware-SC); ``window`` runs ODISE's sliding window of that crop
+    size over the prepared image (:mod:`difffeat.sliding`, SD-DINO / GeoAware-SC).
     """
     name = name or DEFAULT_MODEL
     settings: dict[str, Any] = {}
@@ -77,7 +81,7 @@ def create(
     from .extractor import FeatureExtractor
 
     default_layers = mp.layers if mp else _default_layers(bb)
-    return FeatureExtractor(
+    ex = FeatureExtractor(
         bb,
         layers=_pick(layers, settings.get("layers"), default_layers),
         timesteps=_pick(timesteps, settings.get("timesteps"), mp.timesteps if mp else None, (min(261, bb.num_train_timesteps - 1),)),
@@ -93,7 +97,14 @@ def create(
         compile=compile,
         early_exit=early_exit,
         attention_heads=attention_heads,
+        freeu=_pick(freeu, settings.get("freeu")),
     )
+    window = _pick(window, settings.get("window"))
+    if window:
+        from .sliding import SlidingWindow
+
+        return SlidingWindow(ex, int(window))
+    return ex
 
 
 def _default_layers(bb: DiffusionBackbone) -> tuple[str, ...]:

@@ -4,7 +4,11 @@ Recipe (the paper's released zero-shot protocol):
 
 1. per SD layer, reduce channels with PCA to ``k`` dims — fitted jointly on the images of
    one call (*co-PCA*, the paper's default for a pair) or a :class:`PCA` fitted on a set;
-2. resample every map to one grid (SD-DINO: the DINOv2 patch grid, 60x60 at 840 px);
+2. resample every map to one grid (SD-DINO: the DINOv2 patch grid, 60x60 at 840 px); with
+   ``resample="pyramid"`` (SD-DINO's ``co_pca`` in ``utils/utils_correspondence.py``) each
+   coarser layer is upsampled to the next finer layer's size and concatenated to it, then on
+   (s5 15→30, [s4, s5] 30→60); ``"direct"`` (GeoAware-SC's ``pck_train.py``) resamples each
+   layer to the grid in one step;
 3. concatenate the SD layers and L2-normalise that descriptor; L2-normalise DINOv2's;
 4. weight the two sources (α = 0.5 each) and concatenate.
 
@@ -72,22 +76,38 @@ def co_pca(maps: torch.Tensor, k: int) -> torch.Tensor:
     return PCA.fit(maps, k)(maps)
 
 
+RESAMPLE_MODES = ("direct", "pyramid")
+
+
+def pyramid_resample(maps: Sequence[torch.Tensor], grid: int | tuple[int, int]) -> torch.Tensor:
+    """Coarse-to-fine: upsample the running stack to the next finer map's size, put that map
+    in front, repeat; finally resample to ``grid`` (SD-DINO's s5 15→30→60 path)."""
+    order = sorted(maps, key=lambda m: m.shape[-1] * m.shape[-2])
+    stack = order[0]
+    for finer in order[1:]:
+        stack = torch.cat([finer, resample(stack, tuple(finer.shape[-2:]))], dim=1)
+    return resample(stack, grid)
+
+
 def fuse(
     groups: Sequence[Sequence[torch.Tensor]],
     weights: Sequence[float],
     grid: int | tuple[int, int],
     pca_dims: Sequence[int | None] | None = None,
     pcas: Sequence[PCA | None] | None = None,
+    resample_mode: str = "direct",
 ) -> torch.Tensor:
     """Fuse several sources into one descriptor map [B, D, *grid].
 
     ``groups[s]`` is the list of layer maps of source ``s``; each layer is reduced
     (``pcas[i]`` if given, else co-PCA to ``pca_dims[s]`` if set), resampled to ``grid``,
     the layers of a source are concatenated and L2-normalised, then the sources are
-    weighted and concatenated.
+    weighted and concatenated. ``resample_mode``: see step 2 of the module docstring.
     """
     if len(groups) != len(weights):
         raise BadInputError(f"{len(groups)} sources but {len(weights)} weights")
+    if resample_mode not in RESAMPLE_MODES:
+        raise BadInputError(f"unknown fusion resample mode {resample_mode!r}; valid: {', '.join(RESAMPLE_MODES)}")
     parts, li = [], 0
     for s, layers in enumerate(groups):
         k = None if pca_dims is None else pca_dims[s]
@@ -95,9 +115,12 @@ def fuse(
         for f in layers:
             p = None if pcas is None else pcas[li]
             li += 1
-            f = p(f) if p is not None else (co_pca(f, k) if k else f.float())
-            reduced.append(resample(f, grid))
-        parts.append(weights[s] * l2_normalize(torch.cat(reduced, dim=1)))
+            reduced.append(p(f) if p is not None else (co_pca(f, k) if k else f.float()))
+        if resample_mode == "pyramid":
+            joined = pyramid_resample(reduced, grid)
+        else:
+            joined = torch.cat([resample(f, grid) for f in reduced], dim=1)
+        parts.append(weights[s] * l2_normalize(joined))
     return torch.cat(parts, dim=1)
 
 
@@ -111,13 +134,13 @@ class FusedExtractor(nn.Module):
     """
 
     def __init__(self, sources: list[Any], weights: Sequence[float], pca_dims: Sequence[int | None],
-                 grid: int, pca_mode: str = "co", name: str = "fused") -> None:
+                 grid: int, pca_mode: str = "co", name: str = "fused", resample_mode: str = "direct") -> None:
         super().__init__()
         self.sources = nn.ModuleList(sources)
         self.weights, self.pca_dims, self.grid = list(weights), list(pca_dims), int(grid)
         if pca_mode not in ("co", "fitted", "none"):
             raise BadInputError(f"unknown pca_mode {pca_mode!r}; valid: co, fitted, none")
-        self.pca_mode, self.name = pca_mode, name
+        self.pca_mode, self.name, self.resample_mode = pca_mode, name, resample_mode
         self.pcas: list[PCA | None] | None = None
 
     @classmethod
@@ -133,7 +156,8 @@ class FusedExtractor(nn.Module):
             dims.append(s.pop("pca", None))
             model = s.pop("model")
             srcs.append(create(model, dtype=dtype, device=device, random_weights=random_weights, **s))
-        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=preset.name)
+        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=preset.name,
+                   resample_mode=spec.get("resample", "direct"))
 
     @property
     def keys(self) -> list[str]:
@@ -149,7 +173,7 @@ class FusedExtractor(nn.Module):
 
     def metadata(self) -> dict[str, Any]:
         return {"model": self.name, "sources": [s.metadata() for s in self.sources], "weights": self.weights,
-                "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid}
+                "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid, "resample": self.resample_mode}
 
     def _source_maps(self, images: Any, **kw: Any) -> list[list[torch.Tensor]]:
         out = []
@@ -177,5 +201,5 @@ class FusedExtractor(nn.Module):
             raise BadInputError("pca_mode 'fitted' needs fit_pca(images) first")
         dims = None if self.pca_mode == "none" else self.pca_dims
         pcas = self.pcas if self.pca_mode == "fitted" else None
-        return {"fused": fuse(groups, self.weights, self.grid, dims, pcas)}
+        return {"fused": fuse(groups, self.weights, self.grid, dims, pcas, self.resample_mode)}
 

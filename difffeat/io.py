@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadInputError, DiffFeatError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-ResizePolicy = Literal["resize", "pad", "snap", "none"]
+ResizePolicy = Literal["resize", "pad", "crop", "snap", "none"]
 
 
 # --------------------------------------------------------------------------- reading
@@ -120,8 +120,12 @@ def prepare_image(
     Policies:
       * ``resize``: bicubic resize to ``size`` (an int gives a square), ignoring aspect ratio
         (the DIFT protocol).
-      * ``pad``: resize the longer side to ``size`` keeping aspect, centre it on a square
-        canvas of ``pad_value`` (the SD-DINO protocol).
+      * ``pad``: LANCZOS-resize the longer side to ``size`` keeping aspect, centre it on a
+        square canvas of ``pad_value`` (the SD-DINO / GeoAware-SC protocol, their
+        ``utils_correspondence.resize``).
+      * ``crop``: centre-crop the largest square, then resize it bilinearly (no antialias,
+        half-pixel centres, unquantised) to ``size`` (DiffSeg's ``process_image``:
+        ``tf.image.resize`` of the crop); :func:`centre_square` gives the crop's box.
       * ``snap``: keep the aspect ratio; scale so the longer side is ``size`` (or keep the
         native size if ``size`` is None) and snap both sides to ``multiple``.
       * ``none``: no change except snapping to ``multiple`` (errors if not a multiple).
@@ -141,8 +145,10 @@ def prepare_image(
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         canvas = Image.new("RGB", (s, s), (pad_value,) * 3)
         ox, oy = (s - nw) // 2, (s - nh) // 2
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), (ox, oy))
+        canvas.paste(img.resize((nw, nh), Image.LANCZOS), (ox, oy))
         return Prepared(pil_to_tensor(canvas), (w, h), (ox, oy, ox + nw, oy + nh))
+    if policy == "crop":
+        return _centre_crop_bilinear(img, size)
     if policy == "snap":
         scale = 1.0 if size is None else (size if isinstance(size, int) else max(size)) / max(w, h)
         nw, nh = snap(round(w * scale), multiple), snap(round(h * scale), multiple)
@@ -152,7 +158,26 @@ def prepare_image(
         if w % multiple or h % multiple:
             raise BadInputError(f"image size {w}x{h} is not a multiple of {multiple}; use --resize snap")
         return Prepared(pil_to_tensor(img), (w, h), (0, 0, w, h))
-    raise BadInputError(f"unknown resize policy {policy!r}; valid: resize, pad, snap, none")
+    raise BadInputError(f"unknown resize policy {policy!r}; valid: resize, pad, crop, snap, none")
+
+
+def centre_square(w: int, h: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of the centred ``min(w, h)`` square, offsets rounded down."""
+    c = min(w, h)
+    x0, y0 = (w - c) // 2, (h - c) // 2
+    return x0, y0, x0 + c, y0 + c
+
+
+def _centre_crop_bilinear(img: Image.Image, size: int | tuple[int, int] | None) -> Prepared:
+    """The ``crop`` policy: :func:`centre_square`, then bilinear to ``size`` x ``size``."""
+    if size is None:
+        raise BadInputError("resize policy 'crop' needs a size")
+    s = size if isinstance(size, int) else max(size)
+    box = centre_square(*img.size)
+    x = pil_to_tensor(img.crop(box))
+    if x.shape[-1] != s:
+        x = torch.nn.functional.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False)[0]
+    return Prepared(x, img.size, (0, 0, s, s))
 
 
 def image_key(image: torch.Tensor) -> str:

@@ -68,6 +68,7 @@ class MatchSettings:
     window_radius: int = M.GEOAWARE_WINDOW_RADIUS
     temperature: float = M.GEOAWARE_TEMPERATURE
     flip_test: bool = False
+    src_read: str = "bilinear"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, **overrides: Any) -> "MatchSettings":
@@ -81,11 +82,13 @@ class MatchSettings:
             raise one_of("metric", s.metric, M.METRICS)
         if s.mode not in M.POINT_MODES:
             raise one_of("matching mode", s.mode, M.POINT_MODES)
+        if s.src_read not in M.SRC_READS:
+            raise one_of("source read", s.src_read, M.SRC_READS)
         return s
 
     def point_kwargs(self) -> dict[str, Any]:
         return dict(metric=self.metric, mode=self.mode, upsample=self.upsample,
-                    window_radius=self.window_radius, temperature=self.temperature)
+                    window_radius=self.window_radius, temperature=self.temperature, src_read=self.src_read)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ class CorrespondPipeline:
         groups = [[torch.cat([la, lb]) for la, lb in zip(sa, sb)] for sa, sb in zip(a.raw, b.raw)]
         dims = None if ex.pca_mode == "none" else ex.pca_dims
         pcas = ex.pcas if ex.pca_mode == "fitted" else None
-        fused = fuse(groups, ex.weights, ex.grid, dims, pcas)
+        fused = fuse(groups, ex.weights, ex.grid, dims, pcas, ex.resample_mode)
         return fused[0], fused[1]
 
     # ---------------------------------------------------------------- matching
@@ -749,9 +752,12 @@ def eval_correspond_cmd(root: Path, dataset: str, split: str, normaliser: str | 
     paper = (pipeline.preset.get("paper_results") or {}).get("spair71k" if dataset == "spair" else "pfpascal")
     if paper:
         nums = ", ".join(f"{k}: {v}" for k, v in paper.items() if k.startswith("pck"))
-        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {paper.get('averaging', 'per image')}): {nums}")
+        averaging = str(paper.get("averaging", "per image"))
+        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {averaging}): {nums}")
+        ours = summary["category_mean"] if "categor" in averaging else summary["per_image"]
+        click.echo("difffeat, same averaging: " + ", ".join(f"pck@{a}: {v:.1f}" for a, v in ours.items()))
     if out_dir is not None:
         click.echo(f"wrote {Path(out_dir) / 'pck.json'}")
     else:
-        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "pairs",
+        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "category_mean", "pairs",
                                                        "keypoints")}))
