@@ -141,7 +141,7 @@ def load_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
     except DiffFeatError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a decoder raises is a per-file error
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else (str(e).splitlines() or [""])[0]
         raise BadInputError(f"cannot read image {path}: {type(e).__name__}: {msg}") from None
 
 

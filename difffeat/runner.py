@@ -101,7 +101,7 @@ class _Progress:
 def run(job: Job[T], *, out: str | os.PathLike | None = None, batch_size: int = 1, overwrite: bool = False,
         desc: str = "images", unit_name: str = "img", bytes_per_item: int = 0, info: DistInfo | None = None,
         echo: Callable[[str], Any] | None = None, single_raises: bool = False, lock: bool = True,
-        out_is_file: bool = False) -> FolderRun:
+        out_is_file: bool = False, resume_note: bool = True) -> FolderRun:
     """Run ``job`` over this rank's share of its items; see the module docstring.
 
     ``out`` is the output folder (or, with ``out_is_file``, an output file such as a CSV): it is
@@ -120,9 +120,10 @@ def run(job: Job[T], *, out: str | os.PathLike | None = None, batch_size: int = 
     guard = output_guard(out, info, todo * bytes_per_item, out_is_file) if out is not None and lock \
         else contextlib.nullcontext()
     with guard:
-        if res.skipped and info.is_main:
+        if res.skipped and info.is_main and resume_note:
             total = sum(len(u) for u in units)
-            _write(f"resuming: {res.skipped} of {total} {desc} already done (use --overwrite to redo)")
+            where = "" if info.world_size == 1 else f" on rank 0 of {info.world_size}"
+            _write(f"resuming: {res.skipped} of {total} {desc}{where} already done (use --overwrite to redo)")
         state = _Progress(res, progress_bar(todo, desc, info, unit=unit_name))
         size = [max(1, batch_size)]
         for u, f in pending:

@@ -416,8 +416,6 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out in done:
-                continue  # written before a bad image in its batch made run_folder retry one by one
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
@@ -425,6 +423,8 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
         if todo:
             res = det(torch.stack([x for _, x in todo]))
             for i, (it, _) in enumerate(todo):
+                if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
+                    continue
                 if dire_dir is not None:
                     save_dire(output_path(dire_dir, root, it.path, ".png"), res["maps"][i])
                 row = {k: float(v[i]) for k, v in res.items() if k != "maps"}
@@ -435,7 +435,8 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
 
     failure: DiffFeatError | None = None
     try:
-        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo)
+        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         failure = e
     n = write_scores_csv(out, [output_path(parts, root, p, ".json") for p in list_images(root)], root)
@@ -592,8 +593,6 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out.exists():
-                continue
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
@@ -601,12 +600,14 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
         if todo:
             maps = compute_dire(det.bb, torch.stack([x for _, x in todo]), det.settings).maps  # type: ignore[arg-type]
             for i, (it, _) in enumerate(todo):
-                save_dire(it.out, maps[i])
+                if not it.out.exists():  # finished earlier, or before a bad image in its batch
+                    save_dire(it.out, maps[i])
         if errors:
             raise errors[0]
 
     try:
-        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo)
+        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         _echo(f"warning: {e}")
     paths = [output_path(out_dir, Path(images), p, ".png") for p in list_images(images)]
