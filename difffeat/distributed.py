@@ -101,6 +101,26 @@ def rank_device(device: str | None, info: DistInfo | None = None) -> str | None:
     return f"cuda:{info.local_rank}"
 
 
+def resolve_device(device: str | torch.device | None = None, info: DistInfo | None = None) -> torch.device:
+    """The one place a device is chosen; every model loader goes through it.
+
+    ``None`` means CUDA if available, else CPU. Under a launcher (``WORLD_SIZE`` > 1) a bare
+    ``cuda`` (or ``None``) becomes ``cuda:LOCAL_RANK`` (:func:`rank_device`), so every path
+    (extraction, heads, detectors, probes) puts each rank on its own GPU by construction.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(rank_device(device, info))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        raise BadInputError(f"unknown device {device!r} ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
 def shard_items(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Rank ``rank``'s items of ``items`` under strided assignment: ``items[rank::world_size]``.
 

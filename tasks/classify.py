@@ -42,7 +42,7 @@ from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
 )
 from difffeat.heads.probe_cls import ProbeClassifier, accuracy, pool_features
-from difffeat.distributed import DistInfo, dist_info, rank_device
+from difffeat.distributed import DistInfo, dist_info
 from difffeat.io import FolderRun, image_key, list_images, load_image, pil_to_tensor, save_png
 from difffeat.runner import CsvSink, Job, output_guard, run
 
@@ -367,7 +367,6 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                  max_batch: int, compile_: bool, seed: int, random_weights: bool, out: Path, evaluate: bool,
                  overwrite: bool) -> None:
     """Classify IMAGES zero-shot (Diffusion Classifier) or with a trained probe; write a CSV."""
-    device = rank_device(device)
     files, labels = labelled_images(images) if evaluate else (list_images(images), [])
     class_list = parse_classes(classes, classes_file)
     if probe_path is not None:

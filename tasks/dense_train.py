@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from difffeat.distributed import DistInfo, dist_info, prepare_ddp, rank_device, shard_items
+from difffeat.distributed import DistInfo, dist_info, prepare_ddp, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
@@ -324,7 +324,7 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
     if dcfg.get("val"):
         val_ds = DenseFolder(dcfg["val"], task, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
 
-    ex = ex if ex is not None else make_extractor(cfg["backbone"], rank_device(tcfg.get("device"), dist), tcfg.get("dtype"))
+    ex = ex if ex is not None else make_extractor(cfg["backbone"], tcfg.get("device"), tcfg.get("dtype"))
     device = extractor_device(ex)
     res = int(cfg["backbone"]["resolution"])
     multiple = size_multiple(ex)

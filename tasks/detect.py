@@ -184,7 +184,9 @@ def detector_from_preset(name: str, model: str | None = None, *, dire: Mapping[s
     if score == "aeroblade":
         specs = list(autoencoders or [f"{a['model']}:{a.get('component', 'vae')}" for a in p.get("autoencoders", [])])
         aes = [load_autoencoder(*parse_autoencoder(a), dtype=dtype, device=device) for a in specs]
-        dist = VGGLayer2Distance().load_imagenet(echo).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from difffeat.distributed import resolve_device
+
+        dist = VGGLayer2Distance().load_imagenet(echo).to(resolve_device(device))
         size = int((dire or {}).get("resolution", p.get("resolution", 512)))
         cfg = {"preset": name, "score": score, "resolution": size, "resize": p.get("resize", "crop"),
                "backbone": {"preset": "aeroblade", "autoencoders": [a.name for a in aes], "layers": None, "timesteps": None},
@@ -395,13 +397,12 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
     assembled, so an interrupted run continues where it stopped.
     """
-    from difffeat.distributed import rank_device
     from difffeat.pipeline import run_folder
 
     # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
     # assembles the CSV from the parts present, so the last one to finish writes it whole
     det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
-                    rank_device(device), compile_)
+                    device, compile_)
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
