@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,11 @@ ResizePolicy = Literal["resize", "pad", "snap", "none"]
 def list_images(root: str | os.PathLike) -> list[Path]:
     """All images under ``root`` (recursive), sorted by relative path. A single file is allowed.
 
-    Every entry named like an image is listed, including dangling links, FIFOs and device
-    files: :func:`load_image` then refuses each in one line (never opening a FIFO), so a
-    folder run reports them instead of silently dropping them. Directories named like
-    images are searched like any other directory, never listed as images.
+    Every entry named like an image is listed, including directories, dangling links, FIFOs
+    and device files: :func:`load_image` then refuses each in one line (never opening a
+    FIFO), so a folder run reports them instead of silently dropping them. A directory named
+    like an image is also searched like any other; symbolic links to directories are not
+    followed (no loops).
     """
     root = Path(root)
     if root.is_file():
@@ -47,7 +49,7 @@ def list_images(root: str | os.PathLike) -> list[Path]:
         if root.is_symlink() or root.exists():
             return [root]  # a dangling link, FIFO or device given directly: load_image says which
         raise BadInputError(f"no such image file or folder: {root}")
-    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and not p.is_dir()),
+    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise BadInputError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
@@ -131,8 +133,9 @@ def load_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
-            with _pil_limit(limit), open(path, "rb") as fh:
-                im = Image.open(fh)  # header only; the file (not the decoded image) closes on exit
+            with open(path, "rb") as fh:
+                with _pil_limit(limit):
+                    im = Image.open(fh)  # reads the header only
                 w, h = im.size
                 if w * h > limit:
                     raise BadInputError(f"{path} claims {w}x{h} = {w * h} pixels, over the limit of {limit} "
@@ -140,21 +143,30 @@ def load_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
                 return _decode(im, (w, h), max_side)
     except DiffFeatError:
         raise
+    except Image.DecompressionBombError as e:
+        raise BadInputError(f"{path}: {e} (raise the limit with --max-pixels)") from None
     except Exception as e:  # noqa: BLE001 - whatever a decoder raises is a per-file error
         msg = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else (str(e).splitlines() or [""])[0]
         raise BadInputError(f"cannot read image {path}: {type(e).__name__}: {msg}") from None
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _pil_limit(limit: int) -> Iterator[None]:
-    """Raise PIL's own bomb check to ``limit`` while opening (ours is the one that counts)."""
-    old = Image.MAX_IMAGE_PIXELS
-    if old is not None and limit > 2 * old:
-        Image.MAX_IMAGE_PIXELS = limit
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+    """Let our header check (not PIL's) decide while a file is opened (header only, fast).
+
+    PIL's own check is disabled for this moment only, under a lock so that concurrent
+    loaders (the explore server) serialise their opens; decoding happens after it is back.
+    """
+    with _PIL_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def _decode(im: Image.Image, size: tuple[int, int], max_side: int | None) -> Image.Image:
