@@ -146,12 +146,16 @@ def rank_share(items: Sequence[T], batch_size: int, info: DistInfo | None = None
     return [item for batch in shard_items(batches, info.rank, info.world_size) for item in batch]
 
 
-def progress_bar(total: int, desc: str, info: DistInfo | None = None, unit: str = "img", **kwargs: Any) -> Any:
-    """A tqdm bar shown on rank 0 only (and hidden when ``DIFFFEAT_NO_PROGRESS=1``)."""
+def progress_bar(total: int, desc: str, info: DistInfo | None = None, unit: str = "img", enabled: bool = True,
+                 **kwargs: Any) -> Any:
+    """A tqdm bar shown on rank 0 only (and hidden when ``DIFFFEAT_NO_PROGRESS=1`` or not ``enabled``).
+
+    The one place difffeat decides whether a progress bar is shown.
+    """
     from tqdm import tqdm
 
     info = info or dist_info()
-    hidden = not info.is_main or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or total == 0
+    hidden = not enabled or not info.is_main or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or total == 0
     label = desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})"
     return tqdm(total=total, desc=label, unit=unit, disable=hidden, **kwargs)
 

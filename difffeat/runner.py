@@ -37,7 +37,7 @@ import torch
 
 from .distributed import DistInfo, dist_info, progress_bar, shard_items
 from .errors import BadInputError, DiffFeatError, OutOfMemoryError
-from .io import FolderRun, atomic_path, chunked, remove_stale_temps
+from .io import FolderRun, atomic_path, remove_stale_temps
 
 T = TypeVar("T")
 LOCK_NAME = ".difffeat.lock"

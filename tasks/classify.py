@@ -486,7 +486,9 @@ def pooled_dataset(ex: Any, files: list[Path], pool: int, batch_size: int, desc:
     """Pooled features {key: [N, D]} of ``files`` and the indices that could be read."""
     feats: dict[str, list[torch.Tensor]] = {}
     kept: list[int] = []
-    bar = tqdm(total=len(files), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(files), desc)
     for b0 in range(0, len(files), batch_size):
         ims, idx = [], []
         for i in range(b0, min(len(files), b0 + batch_size)):

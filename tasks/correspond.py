@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -42,11 +41,10 @@ import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from tqdm import tqdm
 
 from difffeat.cli import cli, eval_group, extractor_from_options, model_options
-from difffeat.errors import BadInputError, DiffFeatError, one_of
-from difffeat.distributed import dist_info
+from difffeat.errors import BadInputError, one_of
+from difffeat.distributed import DistInfo, dist_info, progress_bar
 from difffeat.runner import rank_units
 from difffeat.fusion import fuse, l2_normalize, resample
 from difffeat.heads import matching as M
@@ -609,9 +607,10 @@ def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair]
     cache = FeatureCache(pipeline, keys)
     flipped_pairs = 0
     sink = open(pred_path, "a", encoding="utf-8") if pred_path is not None else None
-    show = progress and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1"
+    bar = progress_bar(len(todo), "pairs", DistInfo(), unit="pair", enabled=progress)
     try:
-        for p in tqdm(todo, desc="pairs", unit="pair", disable=not show):
+        for p in todo:
+            bar.update(1)
             src, tgt = cache.get(p.src_image, p.category), cache.get(p.tgt_image, p.category)
             fsrc = cache.get(p.src_image, p.category, True) if partners[p.pair_id] is not None else None
             m, used_flip = pipeline.match(src, tgt, p.src_kps, flipped_src=fsrc, partners=partners[p.pair_id])

@@ -46,9 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
-from difffeat.distributed import DistInfo, dist_info, prepare_ddp, shard_items
+from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
@@ -379,8 +378,7 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(train_ds), generator=g).tolist()
         t0, seen, losses, window = time.time(), 0, [], []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="step",
-                   disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or not dist.is_main)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{tcfg['epochs']}", dist, unit="step")
         for b in range(steps_per_epoch):
             idx = batch = order[b * bs : (b + 1) * bs]  # the global batch, the same on every rank
             # this rank's positions in it; a rank left without any (a last batch smaller than the

@@ -259,7 +259,9 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
     """Score image files in batches; unreadable or too-small ones are reported in ``run`` and skipped."""
     names: list[Path] = []
     parts: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> None:
@@ -572,7 +574,11 @@ def _pooled_features(ex: Any, names: Sequence[str], settings: DireSettings, path
             out.append(PooledFeatureHead.pool(ex(torch.stack(batch)), names).cpu())
             batch.clear()
 
-    for p in tqdm(paths, desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1"):
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
+    for p in paths:
+        bar.update(1)
         try:
             batch.append(pil_to_tensor(fit_square(load_image(p), settings.resolution, settings.resize)))
         except DiffFeatError as e:

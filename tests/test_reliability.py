@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import struct
-import sys
 import time
 import zlib
 from pathlib import Path
