@@ -31,6 +31,10 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; finished outputs are kept, rerun to resume", err=True)
             ctx.exit(130)
+        except OSError as e:  # a disk that fills up or turns read-only during a run
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}; finished outputs are kept, rerun to resume", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

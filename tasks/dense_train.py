@@ -181,7 +181,7 @@ class FeatureCache:
         of a one-process run. Items naming the same file count once. Returns the files
         written by this process.
         """
-        from difffeat.runner import Job, run
+        from difffeat.runner import Job, preflight, run
 
         unique: dict[Path, tuple[Path, bool]] = {}
         for p, f in items:
@@ -202,7 +202,7 @@ class FeatureCache:
 
         todo = [it for it in unique.values() if not self.path(*it).exists()]
         if todo:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            preflight(self.dir)
             save_json(self.dir / "settings.json", self.meta)
         job = Job(list(unique.values()), process, done=lambda it: self.path(*it).exists(), load=load,
                   name=lambda it: str(it[0]))

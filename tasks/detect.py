@@ -411,6 +411,9 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
         _echo("note: uncalibrated training-free score: the prob column stays empty "
               "(calibrate with `difffeat train dire REAL FAKE --head training-free`)")
     parts = out.with_name(out.name + ".parts")
+    from difffeat.runner import preflight
+
+    preflight(parts)  # before anything is written there
     claim_folder(parts, det.config, overwrite)
     root = Path(images)
 

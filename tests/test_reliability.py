@@ -407,6 +407,17 @@ def test_unwritable_or_full_output_fails_at_the_start(clean: Path, tiny_sd_dir: 
     r = invoke("extract", clean, "-m", tiny_sd_dir, *EXTRACT, "-o", tmp_path / "full")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "not enough free space" in r.output
     assert not calls  # no forward pass ran
+    monkeypatch.undo()  # a disk that fills up during the run: one line, what was written is kept
+
+    def full(path: Any, *a: Any) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    import difffeat.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "save_features", full)
+    r = invoke("extract", clean, "-m", tiny_sd_dir, *EXTRACT, "-o", tmp_path / "filling")
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.output.startswith("error: No space left on device: ") and "rerun to resume" in r.output
 
 
 # ------------------------------------------------------------------ untrusted checkpoints and presets
