@@ -103,7 +103,7 @@ def test_guarded_loader_on_the_corpus(corpus: Path) -> None:
     assert load_image(corpus / "exif.jpg").size == (20, 40) == original_size(load_image(corpus / "exif.jpg"))
 
 
-def test_huge_images_are_reduced_while_decoding(tmp_path: Path) -> None:
+def test_huge_images_are_reduced_while_decoding(tmp_path: Path, tiny_sd_dir: Path) -> None:
     from difffeat.io import load_image, original_size, set_max_pixels
 
     big = Image.linear_gradient("L").resize((2400, 800)).convert("RGB")
@@ -121,8 +121,19 @@ def test_huge_images_are_reduced_while_decoding(tmp_path: Path) -> None:
             load_image(tmp_path / "big.png")
     finally:
         set_max_pixels(None)
-    r = invoke("--max-pixels", 10, "extract", tmp_path / "big.png", "-m", "nowhere", "-o", tmp_path / "o")
-    assert r.exit_code == 2 and r.output.count("\n") == 1  # the option parses; the bad model is the one line
+    hdr = tmp_path / "hdr"
+    hdr.mkdir()
+    (hdr / "claims.png").write_bytes(png_claiming(3000, 3000))  # 9 M pixels claimed, no pixel data
+    big.resize((64, 64)).save(hdr / "small.png")
+    args = ["extract", hdr, "-m", tiny_sd_dir, *EXTRACT, "-o", tmp_path / "o"]
+    r = invoke("--max-pixels", 5_000_000, *args)
+    assert r.exit_code == 2 and "claims 3000x3000 = 9000000 pixels, over the limit of 5000000" in r.output
+    assert (tmp_path / "o" / "small.safetensors").exists()
+    r = invoke(*args)  # under the default limit the header passes; the missing pixel data is the error
+    assert r.exit_code == 2 and "over the limit" not in r.output and "claims.png: OSError: image file is truncated" in r.output
+    # two inputs that would write one output are both refused, neither overwrites the other
+    r = invoke("extract", tmp_path, "-m", tiny_sd_dir, *EXTRACT, "-o", tmp_path / "o2")
+    assert r.output.count("both map to") == 2 and not (tmp_path / "o2" / "big.safetensors").exists()
 
 
 def test_extract_over_the_corpus(corpus: Path, tiny_sd_dir: Path, tmp_path: Path) -> None:
