@@ -131,6 +131,19 @@ def shard_items(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[rank::world_size])
 
 
+def rank_units(items: Sequence[T], unit: int, info: DistInfo | None = None, blocks: bool = False) -> list[Sequence[T]]:
+    """This rank's units of ``items``: consecutive slices of ``unit`` items, unit ``j`` to rank
+    ``j % world_size`` (see the module docstring). ``blocks`` instead cuts the list into one
+    contiguous block per rank (neighbouring pairs of ``correspond --pairs`` share images)."""
+    info = info or dist_info()
+    if unit < 1:
+        raise BadInputError(f"batch size must be >= 1, got {unit}")
+    if blocks:
+        unit = max(1, -(-len(items) // info.world_size))
+    units = [items[i : i + unit] for i in range(0, len(items), unit)]
+    return shard_items(units, info.rank, info.world_size)
+
+
 def rank_share(items: Sequence[T], batch_size: int, info: DistInfo | None = None) -> list[T]:
     """This rank's items when ``items`` (in a deterministic order, e.g. sorted) is processed in batches.
 
@@ -139,11 +152,7 @@ def rank_share(items: Sequence[T], batch_size: int, info: DistInfo | None = None
     so chunking it by ``batch_size`` again yields exactly the global batches: only the very
     last global batch can be short, and it is the last one of whichever rank owns it.
     """
-    info = info or dist_info()
-    if batch_size < 1:
-        raise BadInputError(f"batch size must be >= 1, got {batch_size}")
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    return [item for batch in shard_items(batches, info.rank, info.world_size) for item in batch]
+    return [item for batch in rank_units(items, batch_size, info) for item in batch]
 
 
 def progress_bar(total: int, desc: str, info: DistInfo | None = None, unit: str = "img", enabled: bool = True,

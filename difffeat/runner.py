@@ -35,7 +35,7 @@ from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import torch
 
-from .distributed import DistInfo, dist_info, progress_bar, shard_items
+from .distributed import DistInfo, dist_info, progress_bar, rank_units
 from .errors import BadInputError, DiffFeatError, OutOfMemoryError
 from .io import FolderRun, atomic_path, remove_stale_temps
 
@@ -80,16 +80,6 @@ class Job(Generic[T]):
     split: str = "strided"
 
 
-def rank_units(items: Sequence[T], unit: int, split: str, info: DistInfo) -> list[Sequence[T]]:
-    """This rank's units of ``items`` (see the module docstring)."""
-    if unit < 1:
-        raise BadInputError(f"batch size must be >= 1, got {unit}")
-    if split == "blocks":
-        unit = max(1, -(-len(items) // info.world_size))
-    units = [items[i : i + unit] for i in range(0, len(items), unit)]
-    return shard_items(units, info.rank, info.world_size)
-
-
 @dataclass
 class _Progress:
     """The failure book-keeping of a run plus its bar."""
@@ -111,7 +101,7 @@ def run(job: Job[T], *, out: str | os.PathLike | None = None, batch_size: int = 
     """
     info = info or dist_info()
     say = echo or (lambda m: _write(m))
-    units = rank_units(job.items, job.unit or batch_size, job.split, info)
+    units = rank_units(job.items, job.unit or batch_size, info, blocks=job.split == "blocks")
     flags = [[False] * len(u) if overwrite else [bool(job.done(it)) for it in u] for u in units]
     pending = [(u, f) for u, f in zip(units, flags) if not all(f)]
     res = FolderRun(echo=say)
@@ -414,4 +404,4 @@ class CsvSink:
         return n
 
 
-__all__ = ["CsvSink", "Job", "OutputLock", "output_guard", "preflight", "rank_units", "run"]
+__all__ = ["CsvSink", "Job", "OutputLock", "output_guard", "preflight", "run"]

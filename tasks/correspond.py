@@ -44,8 +44,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from difffeat.cli import cli, eval_group, extractor_from_options, model_options
 from difffeat.errors import BadInputError, one_of
-from difffeat.distributed import DistInfo, dist_info, progress_bar
-from difffeat.runner import rank_units
+from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_units
 from difffeat.fusion import fuse, l2_normalize, resample
 from difffeat.heads import matching as M
 from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
@@ -516,7 +515,7 @@ def run_pairs(pipeline: CorrespondPipeline, jobs: Sequence[PairJob], out_dir: Pa
     for j in todo:
         if j.points is None and not dense:
             raise BadInputError(f"pair {j.name} has no points; give --points, --points-file or --dense")
-    mine = {id(j) for u in rank_units(list(jobs), 1, "blocks", dist_info()) for j in u}
+    mine = {id(j) for u in rank_units(list(jobs), 1, dist_info(), blocks=True) for j in u}
     cache = FeatureCache(pipeline, [k for j in todo if id(j) in mine
                                     for k in ((j.src, j.category, False), (j.tgt, j.category, False))])
 
