@@ -31,6 +31,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; finished outputs are kept, rerun to resume", err=True)
             ctx.exit(130)
+        except RuntimeError as e:  # out of GPU memory outside a folder run's batches (which retry)
+            import torch
+
+            if not isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            click.echo("error: out of GPU memory: lower -b/--batch-size, --max-batch or --resolution, "
+                       "or use --dtype bf16", err=True)
+            ctx.exit(3)
         except OSError as e:  # a disk that fills up or turns read-only during a run
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}; finished outputs are kept, rerun to resume", err=True)

@@ -229,7 +229,7 @@ def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, t
                     sink.append(make_row(str(path), ranked, score, topk))
 
         job = Job(files, process, done=lambda f: str(f) in done, load=lambda f: (f, load_image(f, max_side=max_side)))
-        res = run(job, batch_size=batch_size, overwrite=overwrite, desc="classify", info=info, lock=False)
+        res = run(job, batch_size=batch_size, overwrite=overwrite, desc="images", info=info, lock=False)
         if info.world_size > 1:
             res.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
         else:
