@@ -85,7 +85,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 #: PIL's own bomb limit: it raises DecompressionBombError above twice ``Image.MAX_IMAGE_PIXELS``.
 DEFAULT_MAX_PIXELS = 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
-_max_pixels: list[int] = [int(os.environ.get("DIFFFEAT_MAX_PIXELS") or DEFAULT_MAX_PIXELS)]
+_max_pixels: list[int | None] = [None]  # set by --max-pixels; else DIFFFEAT_MAX_PIXELS, else the default
 REDUCE_GAP = 4  # huge images are reduced by an integer factor to >= REDUCE_GAP x the working size
 
 
@@ -93,11 +93,19 @@ def set_max_pixels(n: int | None) -> None:
     """Set the pixel limit of :func:`load_image` (``--max-pixels``; None restores PIL's bomb limit)."""
     if n is not None and n < 1:
         raise BadInputError(f"--max-pixels must be >= 1, got {n}")
-    _max_pixels[0] = int(n or DEFAULT_MAX_PIXELS)
+    _max_pixels[0] = None if n is None else int(n)
 
 
-def max_pixels() -> int:
-    return _max_pixels[0]
+def pixel_limit() -> int:
+    """The pixel limit in force: ``--max-pixels``, else ``DIFFFEAT_MAX_PIXELS``, else PIL's bomb limit."""
+    if _max_pixels[0] is not None:
+        return _max_pixels[0]
+    env = os.environ.get("DIFFFEAT_MAX_PIXELS", "").strip()
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    if not env.isdigit() or int(env) < 1:
+        raise BadInputError(f"DIFFFEAT_MAX_PIXELS={env!r} is not a positive integer")
+    return int(env)
 
 
 def check_regular_file(path: Path) -> None:
@@ -129,7 +137,7 @@ def load_image(path: str | os.PathLike, max_side: int | None = None, max_pixels:
     """
     path = Path(path)
     check_regular_file(path)
-    limit = max_pixels or _max_pixels[0]
+    limit = max_pixels or pixel_limit()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
