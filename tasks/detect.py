@@ -323,6 +323,9 @@ def evaluate(det: Detector, real: Sequence[Path], fake: Sequence[Path], batch_si
 
 def claim_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> None:
     """Record which detector fills ``folder``; refuse to resume into one made by another."""
+    from difffeat.runner import preflight
+
+    preflight(folder)  # a read-only or full folder: one line, before anything is written
     stamp = folder / ".difffeat-detector.json"
     want = json.loads(json.dumps(config, default=str))
     if stamp.exists() and not overwrite and json.loads(stamp.read_text()) != want:
@@ -411,9 +414,6 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
         _echo("note: uncalibrated training-free score: the prob column stays empty "
               "(calibrate with `difffeat train dire REAL FAKE --head training-free`)")
     parts = out.with_name(out.name + ".parts")
-    from difffeat.runner import preflight
-
-    preflight(parts)  # before anything is written there
     claim_folder(parts, det.config, overwrite)
     root = Path(images)
 

@@ -471,6 +471,22 @@ def test_untrusted_heads_and_presets_are_refused_in_one_line(heads: dict[str, Pa
     cfg["feature_info"][0]["channels"] += 1
     (d / "head.json").write_text(json.dumps(cfg))
     assert "features" in refused(d)
+    from difffeat.heads.dire import FORMAT as DETECTOR_FORMAT, read_detector_config
+    from difffeat.heads.probe_cls import FORMAT as PROBE_FORMAT, ProbeClassifier
+
+    det = tmp_path / "detector"
+    det.mkdir()
+    (det / "detector.safetensors").write_bytes(b"")
+    (det / "detector.json").write_text(json.dumps({"format": DETECTOR_FORMAT, "kind": 5, "backbone": {}}))
+    with pytest.raises(BadInputError, match="'kind' must be str, got int"):
+        read_detector_config(det)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "probe.safetensors").write_bytes(b"")
+    (probe / "probe.json").write_text(json.dumps({"format": PROBE_FORMAT, "classes": "ab", "feature_dim": 4,
+                                                  "backbone": {}}))
+    with pytest.raises(BadInputError, match="'classes' must be a list, got str"):
+        ProbeClassifier.load(probe)
     with pytest.raises(DiffFeatError, match="unknown key in the extract block of x.yaml: 'layer'"):
         check_preset({"name": "p", "extract": {"model": "sd21", "layer": "up.1"}}, "x.yaml")
     from difffeat.registry import get_preset, method_presets
