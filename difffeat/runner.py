@@ -135,25 +135,27 @@ Loaded = tuple  # (item, loaded value, finished before this run)
 
 def _run_unit(job: Job[T], unit: Sequence[T], done: Sequence[bool], size: list[int], st: _Progress,
               raise_first: bool) -> None:
-    """Load the unit's items, then process them in batches of ``size[0]`` (which OOM may halve).
+    """Process the unit in batches of ``size[0]`` items (which OOM may halve), each loaded just
+    before it runs (a shard's images are never all in memory at once).
 
     Items finished before (``done``) are loaded and computed with their batch, so the others
     see the batch an uninterrupted run had; the job's sink does not rewrite them.
     """
-    loaded: list[Loaded] = []
-    for it, was in zip(unit, done):
-        try:
-            loaded.append((it, job.load(it), was))
-        except DiffFeatError as e:
-            if raise_first:
-                raise
-            if not was:
-                _fail(job, st, it, str(e))
     i = 0
-    while i < len(loaded):
-        batch = loaded[i : i + size[0]]
-        i += len(batch)
-        _run_batch(job, batch, size, st, raise_first)
+    while i < len(unit):
+        n = size[0]
+        batch: list[Loaded] = []
+        for it, was in zip(unit[i : i + n], done[i : i + n]):
+            try:
+                batch.append((it, job.load(it), was))
+            except DiffFeatError as e:
+                if raise_first:
+                    raise
+                if not was:
+                    _fail(job, st, it, str(e))
+        i += n
+        if batch:
+            _run_batch(job, batch, size, st, raise_first)
 
 
 def _fail(job: Job[T], st: _Progress, item: T, message: str) -> None:
