@@ -115,6 +115,12 @@ def test_huge_images_are_reduced_while_decoding(tmp_path: Path, tiny_sd_dir: Pat
         ref = big.resize(im.size, Image.BICUBIC)
         assert np.abs(np.asarray(im, float) - np.asarray(ref, float)).mean() < 2.0  # same picture
     assert load_image(tmp_path / "big.png").size == (2400, 800)  # no working size: untouched
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated on display: reduced, then turned upright like the full-size image
+    big.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+    im = load_image(tmp_path / "rot.jpg", max_side=300)
+    assert im.size[1] > im.size[0] and original_size(im) == (800, 2400)
+    (tmp_path / "rot.jpg").unlink()
     set_max_pixels(1_000_000)
     try:
         with pytest.raises(BadInputError, match="claims 2400x800 = 1920000 pixels, over the limit of 1000000"):
