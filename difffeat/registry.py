@@ -308,6 +308,9 @@ def get_preset(name: str) -> MethodPreset:
     presets = method_presets()
     if name not in presets:
         raise one_of("preset", name, list(presets))
+    from .validate import check_preset
+
+    check_preset(presets[name].raw, presets[name].path)
     return presets[name]
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from difffeat.errors import BadInputError, CheckpointMismatchError
 from difffeat.io import atomic_path, json_default, save_json
+from difffeat.validate import HEAD_SCHEMA, check_schema
 
 from .registry import build_head
 
@@ -105,10 +106,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
             with safe_open(str(weights), framework="pt") as f:
                 config = json.loads((f.metadata() or {})["config"])
-    except (json.JSONDecodeError, KeyError, OSError) as e:
-        raise BadInputError(f"cannot read head config of {path}: {type(e).__name__}: {e}") from None
-    if config.get("format") != FORMAT:
-        raise BadInputError(f"{cfg_path} is not a difffeat head checkpoint (format {config.get('format')!r})")
+    except Exception as e:  # noqa: BLE001 - JSON, safetensors and OS errors alike: one line
+        raise BadInputError(f"cannot read head config of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise BadInputError(f"{cfg_path} is not a difffeat head checkpoint (format {fmt!r})")
+    check_schema(config, HEAD_SCHEMA, str(cfg_path))
     return config
 
 
@@ -152,7 +155,10 @@ def load_head(
     if expect_backbone is not None:
         check_backbone(config, expect_backbone, where=str(path))
     spec = config["head"]
-    head = build_head(spec["kind"], config["feature_info"], aggregator=spec.get("aggregator"), **spec.get("args", {}))
+    try:
+        head = build_head(spec["kind"], config["feature_info"], aggregator=spec.get("aggregator"), **spec.get("args", {}))
+    except (TypeError, ValueError, KeyError) as e:  # args that do not fit the head kind
+        raise BadInputError(f"head {path} cannot be rebuilt from its config: {type(e).__name__}: {e}") from None
     try:
         state = load_file(str(weights), device="cpu")
         head.load_state_dict(state, strict=True)

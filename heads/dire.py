@@ -395,8 +395,11 @@ def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
         cfg = json.loads((p / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise BadInputError(f"cannot read {p / CONFIG}: {e}") from None
-    if cfg.get("format") != FORMAT:
-        raise BadInputError(f"{p} is not a difffeat detector checkpoint (format {cfg.get('format')!r})")
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise BadInputError(f"{p} is not a difffeat detector checkpoint (format {cfg.get('format') if isinstance(cfg, dict) else None!r})")
+    from difffeat.validate import DETECTOR_SCHEMA, check_schema
+
+    check_schema(cfg, DETECTOR_SCHEMA, str(p / CONFIG))
     return cfg
 
 

@@ -115,7 +115,9 @@ def _fit_sklearn(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
 
 def _fit_torch(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int,
                device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from difffeat.distributed import resolve_device
+
+    dev = resolve_device(device)
     z, y = z.to(dev), y.to(dev)
     n = z.shape[0]
     w = torch.zeros(n_classes, z.shape[1], device=dev, requires_grad=True)
@@ -255,8 +257,12 @@ class ProbeClassifier:
             config = json.loads((folder / CONFIG).read_text())
         except json.JSONDecodeError as e:
             raise BadInputError(f"cannot read {folder / CONFIG}: {e}") from None
-        if config.get("format") != FORMAT:
-            raise BadInputError(f"{folder} is not a difffeat probe checkpoint (format {config.get('format')!r})")
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            fmt = config.get("format") if isinstance(config, dict) else None
+            raise BadInputError(f"{folder} is not a difffeat probe checkpoint (format {fmt!r})")
+        from difffeat.validate import PROBE_SCHEMA, check_schema
+
+        check_schema(config, PROBE_SCHEMA, str(folder / CONFIG))
         if expect_backbone is not None:
             check_backbone(config, expect_backbone, where=str(folder))
         try:

@@ -151,7 +151,8 @@ def _run_predictions(make: Callable[[], Any], images: Path, out_dir: Path, batch
         p = holder[0]
         maps = [p.predict_sliding(it.image, overlap, batch_size) for it in items] if sliding else p.predict([it.image for it in items])
         for it, m in zip(items, maps):
-            write(p, it, m)
+            if not it.written:
+                write(p, it, m)
 
     try:
         run = run_folder(images, out_dir, ".png", process, batch_size=batch_size, overwrite=overwrite, desc="images")
@@ -224,6 +225,8 @@ def _zero_shot(images: Path, k: int, out_dir: Path, batch_size: int, overwrite: 
         for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
             feats = ex(x)
             for i, it in enumerate(its):
+                if it.written:
+                    continue
                 one = {f["name"]: feats[f["name"]][i : i + 1] for f in info}
                 seg = kmeans_segment(one, info, k, out_size=(it.image.size[1], it.image.size[0]), seed=opts["seed"])
                 write_seg(it.out, seg[0].cpu().numpy(), it.image, palette)
@@ -268,6 +271,8 @@ def _diffseg(images: Path, out_dir: Path, batch_size: int, overwrite: bool, opts
         for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
             maps = ex(x)
             for i, it in enumerate(its):
+                if it.written:
+                    continue
                 one = {k: v[i : i + 1] for k, v in maps.items()}
                 box = centre_square(*it.image.size) if ex.resize == "crop" else (0, 0, *it.image.size)
                 seg = diffseg_segment(one, out_size=(box[3] - box[1], box[2] - box[0]), tau=tau,
