@@ -11,11 +11,12 @@ batches, read the requested layers with forward hooks and average over the ensem
 
 Deviations from the reference implementations, and why they are safe:
 
-* **VAE once** (DIFT runs the VAE ``ensemble`` times): with ``latent="mean"`` this is
-  *exact* up to floating-point noise (DIFT uses the posterior mean too); with
-  ``latent="sample"`` each member draws from N(mean, std) of the same posterior,
-  which is the same distribution DIFT samples, so the ensemble is *statistically
-  equivalent*.
+* **VAE once** (DIFT encodes the image repeated ``ensemble`` times and *samples* the
+  posterior for every member, ``latent_dist.sample()`` in its ``src/models/dift_sd.py``):
+  with ``latent="sample"`` (the ``dift`` preset) each member draws from N(mean, std) of
+  the one posterior, the distribution DIFT samples, so the ensemble is *statistically
+  equivalent*; ``latent="mean"`` (the API default) feeds the posterior mean to every
+  member, a deviation from DIFT (small with SD's VAE, whose posterior std is tiny).
 * **Early exit** after the deepest requested layer: the hook of that layer raises a
   private exception, so nothing after it runs. Layers before it are computed by the
   unchanged diffusers forward, so the features are *exactly* equal (tested).
@@ -26,6 +27,7 @@ Deviations from the reference implementations, and why they are safe:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -37,10 +39,11 @@ from .attention import AttentionCapture, parse_attention_name
 from .backbone import DiffusionBackbone, allow_recompiles
 from .conditioning import Conditioning
 from .errors import BadInputError, OutOfMemoryError, one_of
+from .freeu import FreeU
 from .geometry import Geometry
 from .io import image_key
-from .protocol import dtype_name, portable_name
 from .layers import block_level
+from .protocol import dtype_name, portable_name
 from .noise import draw
 
 
@@ -58,7 +61,7 @@ class FeatureExtractor(nn.Module):
         ensemble: noise draws averaged per (image, timestep).
         noise: ``random`` (per image, batch-independent), ``fixed`` (shared) or ``clean``.
         seed: global seed for the noise.
-        latent: ``mean`` (posterior mean, DIFT) or ``sample`` (a posterior draw per member).
+        latent: ``mean`` (posterior mean) or ``sample`` (a posterior draw per member, as DIFT).
         prompt: default prompt (``""`` = the empty prompt, as DIFT without a category).
         class_label: default class for class-conditional models (None = null class).
         resolution / resize: how PIL inputs are prepared (see :func:`difffeat.io.prepare_image`).
@@ -66,6 +69,8 @@ class FeatureExtractor(nn.Module):
         compile: ``torch.compile`` the heavy sub-modules that carry no hook.
         early_exit: stop the forward after the deepest requested layer (exact).
         attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
+        freeu: ``None``, a :data:`difffeat.freeu.PRESETS` name (``geoaware``) or
+            :class:`~difffeat.freeu.FreeUSettings`: FreeU in the decoder (GeoAware-SC's features).
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class FeatureExtractor(nn.Module):
         compile: bool = False,
         early_exit: bool = True,
         attention_heads: str = "mean",
+        freeu: Any = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -98,6 +104,10 @@ class FeatureExtractor(nn.Module):
         self.prompt, self.class_label = prompt, class_label
         self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
         self.early_exit, self.attention_heads, self.compiled = early_exit, attention_heads, bool(compile)
+        self.freeu = FreeU(backbone.denoiser, freeu) if freeu else None
+        self._freeu_name = freeu if isinstance(freeu, str) else (None if freeu is None else repr(freeu))
+        # as create(freeu=...) takes it back: a preset name or the four factors
+        self._freeu_spec = freeu if isinstance(freeu, str) or self.freeu is None else dataclasses.asdict(self.freeu.settings)
         self._modules_by_name = backbone.layer_modules()
         self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
         for name in self.layers:
@@ -163,6 +173,7 @@ class FeatureExtractor(nn.Module):
             "timesteps": self.timesteps, "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed,
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
+            **({"freeu": self._freeu_name} if self.freeu else {}),
         }
 
     @property
@@ -175,7 +186,7 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir}
+                "prompt_cache": bb.prompt_cache_dir, "freeu": self._freeu_spec}
 
     @property
     def device(self) -> torch.device:
@@ -311,8 +322,9 @@ class FeatureExtractor(nn.Module):
 
         handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
         attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
+        freeu = self.freeu.active() if self.freeu else contextlib.nullcontext()
         try:
-            with attention as sinks:
+            with attention as sinks, freeu:
                 try:
                     self.backbone.predict(x_t, t, cond)
                 except _StopForward:
@@ -321,7 +333,7 @@ class FeatureExtractor(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return captured
+        return self.freeu.scale_stored(captured) if self.freeu else captured
 
     # ------------------------------------------------------------------ speed
     def compile_denoiser(self) -> None:
@@ -332,6 +344,7 @@ class FeatureExtractor(nn.Module):
         """
         allow_recompiles()  # one graph per block shape (the default 8 leaves most resnets eager)
         hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
+        hooked |= {id(r) for r, *_ in self.freeu.plan} if self.freeu else set()  # per-call FreeU pre-hooks
         captured = self._attention.contains() if self._attention else set()
         for m in self.backbone.denoiser.modules():
             if type(m).__name__ in self.backbone.adapter.compile_targets and id(m) not in hooked:

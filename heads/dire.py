@@ -378,7 +378,9 @@ def save_detector(folder: str | os.PathLike, config: Mapping[str, Any], module: 
 
 def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a detector checkpoint folder (or of a file in it)."""
-    return read_checkpoint(folder, STEM, FORMAT, "detector", "; make one with `difffeat train dire`")
+    from difffeat.validate import DETECTOR_SCHEMA
+
+    return read_checkpoint(folder, STEM, FORMAT, "detector", "; make one with `difffeat train dire`", DETECTOR_SCHEMA)
 
 
 def load_detector_weights(folder: str | os.PathLike, module: nn.Module) -> nn.Module:

@@ -42,8 +42,9 @@ from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
 )
 from difffeat.heads.probe_cls import ProbeClassifier, accuracy, pool_features
-from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_device, rank_share
-from difffeat.io import FolderRun, atomic_path, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.distributed import DistInfo, dist_info
+from difffeat.io import FolderRun, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.runner import CsvSink, Job, output_guard, run
 
 CSV_FIELDS = ["image", "top1", "score", "topk"]
 
@@ -112,28 +113,26 @@ def folder_to_class(folders: Sequence[str], classes: Sequence[str]) -> dict[str,
 
 
 # ---------------------------------------------------------------- CSV
+def _valid_row(row: dict[str, str]) -> bool:
+    try:
+        return bool(row.get("image")) and isinstance(json.loads(row.get("topk") or ""), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def csv_sink(path: Path) -> CsvSink:
+    """The predictions CSV as a crash-safe sink (see :class:`difffeat.runner.CsvSink`)."""
+    return CsvSink(path, CSV_FIELDS, "image", valid=_valid_row)
+
+
 def read_csv(path: Path) -> dict[str, dict[str, str]]:
-    """Rows of an existing predictions CSV keyed by image (malformed lines are ignored)."""
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != CSV_FIELDS:
-            raise BadInputError(f"{path} is not a difffeat classify CSV (columns {reader.fieldnames}); choose another -o")
-        return {r["image"]: r for r in reader if r.get("topk") and r.get("image")}
+    """Rows of an existing predictions CSV keyed by image (cut or malformed lines are ignored)."""
+    return csv_sink(path).rows()
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row (writing the header first if the file is new) and flush it to disk."""
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+    csv_sink(path).append(row)
 
 
 def make_row(image: str, ranked: Sequence[tuple[Any, ...]], score: float, topk: int) -> dict[str, Any]:
@@ -198,56 +197,40 @@ def model_id(model: str) -> str:
 
 # ---------------------------------------------------------------- the run
 def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, topk: int,
-                 overwrite: bool, files: list[Path] | None = None) -> FolderRun:
-    """Classify every image not yet in ``out``; append one CSV row per image.
+                 overwrite: bool, files: list[Path] | None = None, max_side: int | None = None) -> FolderRun:
+    """Classify every image not yet in ``out``; append one CSV row per image (the one folder runner).
 
-    Under torchrun / accelerate launch each rank classifies its share of the images
-    (:func:`~difffeat.distributed.rank_share`) into ``OUT.rankR-of-N.csv``; the rank that
-    finds every image classified merges the parts into ``out`` in image order (see
-    :func:`merge_rank_csvs`), so the file is the same as a one-process run's.
+    Rows are appended (and fsync'd) as images finish, so a kill loses at most the batch in
+    flight; a cut last line is dropped and that image redone. A finished run rewrites the CSV
+    atomically with each image once, in image order. Under torchrun / accelerate launch each
+    rank classifies its share (strided batches) into ``OUT.rankR-of-N.csv``; the rank that
+    finds every image classified merges the parts into ``out`` (:func:`merge_rank_csvs`), so
+    the file is the same as a one-process run's.
     """
     files = files if files is not None else list_images(images)
     info = dist_info()
-    if overwrite and out.exists() and info.is_main:
-        out.unlink()
-    mine = rank_share(files, batch_size, info)
     part = rank_csv(out, info) if info.world_size > 1 else out
-    if overwrite and part.exists():
-        part.unlink()
-    done = {**read_csv(out), **read_csv(part)}
-    todo = [f for f in mine if str(f) not in done]
-    run = FolderRun(echo=lambda m: tqdm.write(m))
-    run.skipped = len(mine) - len(todo)
-    if run.skipped and info.is_main:
-        tqdm.write(f"resuming: {run.skipped} of {len(mine)} images already in {out} (use --overwrite to redo)")
-    bar = progress_bar(len(todo), "classify", info)
-    batch: list[tuple[Path, Image.Image]] = []
+    with output_guard(out, info, is_file=True):
+        if overwrite:
+            for p in {out, part} if info.is_main else {part}:
+                p.unlink(missing_ok=True)
+        sink = csv_sink(part)
+        sink.repair()
+        done = set(read_csv(out)) | set(sink.rows())
 
-    def flush() -> None:
-        if not batch:
-            return
-        with run.item(batch[0][0]):
+        def process(batch: list[tuple[Path, Image.Image]]) -> None:
             results = predict([im for _, im in batch])
             for (path, _), (ranked, score) in zip(batch, results):
-                append_row(part, make_row(str(path), ranked, score, topk))
-            run.done += len(batch) - 1  # run.item counts one
-        bar.update(len(batch))
-        batch.clear()
+                if str(path) not in done:
+                    sink.append(make_row(str(path), ranked, score, topk))
 
-    for f in todo:
-        try:
-            batch.append((f, load_image(f)))
-        except DiffFeatError as e:
-            run.fail(f, str(e))
-            bar.update(1)
-            continue
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    if info.world_size > 1:
-        run.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
-    return run
+        job = Job(files, process, done=lambda f: str(f) in done, load=lambda f: (f, load_image(f, max_side=max_side)))
+        res = run(job, batch_size=batch_size, overwrite=overwrite, desc="images", info=info, lock=False)
+        if info.world_size > 1:
+            res.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
+        else:
+            csv_sink(out).compact([str(f) for f in files])
+    return res
 
 
 def rank_csv(out: Path, info: DistInfo) -> Path:
@@ -273,12 +256,7 @@ def merge_rank_csvs(out: Path, files: Sequence[Path], world_size: int) -> bool:
             except DiffFeatError:
                 continue  # reported by the rank that owns it
             return False
-    with atomic_path(out) as tmp:
-        for f in files:
-            if str(f) in rows:
-                append_row(tmp, {k: rows[str(f)][k] for k in CSV_FIELDS})
-    for p in parts:
-        p.unlink(missing_ok=True)
+    csv_sink(out).compact([str(f) for f in files], parts)
     return True
 
 
@@ -385,7 +363,6 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                  max_batch: int, compile_: bool, seed: int, random_weights: bool, out: Path, evaluate: bool,
                  overwrite: bool) -> None:
     """Classify IMAGES zero-shot (Diffusion Classifier) or with a trained probe; write a CSV."""
-    device = rank_device(device)
     files, labels = labelled_images(images) if evaluate else (list_images(images), [])
     class_list = parse_classes(classes, classes_file)
     if probe_path is not None:
@@ -403,14 +380,18 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                                  resolution=cfg.get("resolution"), resize=cfg.get("resize"), dtype=dtype, device=device,
                                  max_batch=max_batch, compile=compile_, random_weights=random_weights)
         predict, names, zero_shot, batch = probe_predictor(probe, ex, probe_kind), probe.classes, False, 8
+        from difffeat.pipeline import working_side
+
+        side = working_side(ex)
     else:
         clf, res = build_zero_shot(model, preset, class_list, sorted(set(labels)) if evaluate else None, template,
                                    n_samples, to_keep, loss, trials, t_weights, early_stop, temperature, resolution,
                                    dtype, device, max_batch, compile_, seed, random_weights)
         predict, names, zero_shot, batch = zero_shot_predictor(clf, res), clf.classes, True, 1
+        side = 4 * res  # the loader may reduce huge images to >= 4x the input size
     if evaluate:
         folder_to_class(labels, names)  # fail before the run if a folder matches no class
-    run = run_classify(images, out, predict, batch, topk, overwrite, files)
+    run = run_classify(images, out, predict, batch, topk, overwrite, files, max_side=side)
     if not getattr(run, "merged", True):
         click.echo(f"rank {dist_info().rank}: {run.done} new rows; another rank merges {out}")
         run.finish("images")
@@ -509,7 +490,9 @@ def pooled_dataset(ex: Any, files: list[Path], pool: int, batch_size: int, desc:
     """Pooled features {key: [N, D]} of ``files`` and the indices that could be read."""
     feats: dict[str, list[torch.Tensor]] = {}
     kept: list[int] = []
-    bar = tqdm(total=len(files), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(files), desc)
     for b0 in range(0, len(files), batch_size):
         ims, idx = [], []
         for i in range(b0, min(len(files), b0 + batch_size)):

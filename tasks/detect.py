@@ -177,7 +177,9 @@ def detector_from_preset(name: str, model: str | None = None, *, dire: Mapping[s
     if score == "aeroblade":
         specs = list(autoencoders or [f"{a['model']}:{a.get('component', 'vae')}" for a in p.get("autoencoders", [])])
         aes = [load_autoencoder(*parse_autoencoder(a), dtype=dtype, device=device) for a in specs]
-        dist = VGGLayer2Distance().load_imagenet(echo).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from difffeat.distributed import resolve_device
+
+        dist = VGGLayer2Distance().load_imagenet(echo).to(resolve_device(device))
         size = int((dire or {}).get("resolution", p.get("resolution", 512)))
         cfg = {"preset": name, "score": score, "resolution": size, "resize": p.get("resize", "crop"),
                "backbone": {"preset": "aeroblade", "autoencoders": [a.name for a in aes], "layers": None, "timesteps": None},
@@ -253,7 +255,9 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
     """Score image files in batches; unreadable or too-small ones are reported in ``run`` and skipped."""
     names: list[Path] = []
     parts: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> None:
@@ -315,6 +319,9 @@ def evaluate(det: Detector, real: Sequence[Path], fake: Sequence[Path], batch_si
 
 def claim_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> None:
     """Record which detector fills ``folder``; refuse to resume into one made by another."""
+    from difffeat.runner import preflight
+
+    preflight(folder)  # a read-only or full folder: one line, before anything is written
     stamp = folder / ".difffeat-detector.json"
     want = json.loads(json.dumps(config, default=str))
     if stamp.exists() and not overwrite and json.loads(stamp.read_text()) != want:
@@ -391,13 +398,12 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
     assembled, so an interrupted run continues where it stopped.
     """
-    from difffeat.distributed import rank_device
     from difffeat.pipeline import run_folder
 
     # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
     # assembles the CSV from the parts present, so the last one to finish writes it whole
     det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
-                    rank_device(device), compile_)
+                    device, compile_)
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
@@ -412,8 +418,6 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out in done:
-                continue  # written before a bad image in its batch made run_folder retry one by one
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
@@ -421,6 +425,8 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
         if todo:
             res = det(torch.stack([x for _, x in todo]))
             for i, (it, _) in enumerate(todo):
+                if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
+                    continue
                 if dire_dir is not None:
                     save_dire(output_path(dire_dir, root, it.path, ".png"), res["maps"][i])
                 row = {k: float(v[i]) for k, v in res.items() if k != "maps"}
@@ -431,7 +437,8 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
 
     failure: DiffFeatError | None = None
     try:
-        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo)
+        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         failure = e
     n = write_scores_csv(out, [output_path(parts, root, p, ".json") for p in list_images(root)], root)
@@ -566,7 +573,11 @@ def _pooled_features(ex: Any, names: Sequence[str], settings: DireSettings, path
             out.append(PooledFeatureHead.pool(ex(torch.stack(batch)), names).cpu())
             batch.clear()
 
-    for p in tqdm(paths, desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1"):
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
+    for p in paths:
+        bar.update(1)
         try:
             batch.append(pil_to_tensor(fit_square(load_image(p), settings.resolution, settings.resize)))
         except DiffFeatError as e:
@@ -588,8 +599,6 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out.exists():
-                continue
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
@@ -597,12 +606,14 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
         if todo:
             maps = compute_dire(det.bb, torch.stack([x for _, x in todo]), det.settings).maps  # type: ignore[arg-type]
             for i, (it, _) in enumerate(todo):
-                save_dire(it.out, maps[i])
+                if not it.out.exists():  # finished earlier, or before a bad image in its batch
+                    save_dire(it.out, maps[i])
         if errors:
             raise errors[0]
 
     try:
-        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo)
+        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         _echo(f"warning: {e}")
     paths = [output_path(out_dir, Path(images), p, ".png") for p in list_images(images)]
