@@ -91,14 +91,20 @@ def create(
                              dtype=dtype, device=device, random_weights=random_weights, weights=weights, **(model_kwargs or {}))
     bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
                                    use_t5=use_t5, prompt_cache=prompt_cache)
+    return _create_diffusion(bb, precedence(given, settings, model_defaults), seed=seed, max_batch=max_batch,
+                             compile=compile, early_exit=early_exit, attention_heads=attention_heads)
+
+
+def _create_diffusion(bb: DiffusionBackbone, opts: dict[str, Any], **fixed: Any) -> Extractor:
+    """The diffusion extractor of merged options (library defaults last), in ODISE's sliding window
+    when ``window`` is set."""
     from .extractor import FeatureExtractor
 
     library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,
                    noise="random", latent="mean", prompt="", resize="resize")
-    opts = precedence(given, settings, model_defaults, library)
+    opts = precedence(opts, library)
     window = opts.pop("window")
-    ex = FeatureExtractor(bb, seed=seed, max_batch=max_batch, compile=compile, early_exit=early_exit,
-                          attention_heads=attention_heads, **{**opts, "ensemble": int(opts["ensemble"])})
+    ex = FeatureExtractor(bb, **fixed, **{**opts, "ensemble": int(opts["ensemble"])})
     if window:
         from .sliding import SlidingWindow
 
