@@ -264,12 +264,13 @@ def two_region_image(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarr
 
 class GaussianDenoiser(torch.nn.Module):
     """The exact ε-predictor for data x_0 ~ N(mean, std²) per channel (weights-free, so golden
-    numbers made with it do not move with a library's initialisation):
+    numbers made with it do not move with a library's initialisation; a mean outside [-1, 1] makes
+    x̂_0 leave [-1, 1] at high noise, so clipping matters):
     ε*(x_t, t) = sqrt(1-ᾱ) (x_t - sqrt(ᾱ) mean) / (ᾱ std² + 1 - ᾱ). Called like a diffusers UNet
     (``forward(x, timestep, return_dict=False)``); every call is counted in ``calls``."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor, mean: tuple[float, ...] = (0.3, -0.2, 0.1),
-                 std: float = 1.5) -> None:
+    def __init__(self, alphas_cumprod: torch.Tensor, mean: tuple[float, ...] = (1.4, -1.3, 0.2),
+                 std: float = 0.5) -> None:
         super().__init__()
         self.register_buffer("ac", alphas_cumprod.detach().float().clone())
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
