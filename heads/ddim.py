@@ -6,9 +6,10 @@ forwards again reconstructs the image. DIRE (Wang et al., ICCV 2023) measures ho
 that round trip reproduces an image.
 
 Schedule. ``steps`` timesteps t_0 < ... < t_{n-1} with levels ᾱ_i = ᾱ(t_i). Spacing
-``leading`` (default) is guided-diffusion's ``ddimN`` respacing, which DIRE used: stride
-``T // steps`` from 0, so ``ddim20`` on a 1000-step model gives 0, 50, ..., 950 (the
-deepest timestep moves with ``steps``). ``linspace`` spreads the steps over [0, T-1], so
+``leading`` (default) is guided-diffusion's ``ddimN`` respacing, which DIRE used: the
+smallest integer stride from 0 that gives exactly N timesteps, so ``ddim20`` on a
+1000-step model gives 0, 50, ..., 950 and ``ddim3`` 0, 334, 668 (diffusers' "leading"
+takes stride T // N, the same whenever N divides T; the deepest timestep moves with N). ``linspace`` spreads the steps over [0, T-1], so
 every step count inverts to the same depth (use it to compare step counts).
 
 One step from noise level ᾱ_a to ᾱ_b with a noise estimate ε::
@@ -50,12 +51,16 @@ PAIRINGS = ("guided-diffusion", "diffusers")
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
-    """The ``steps`` DDIM timesteps, ascending (``leading``: 0, T//steps, ...; ``linspace``: 0 .. T-1)."""
+    """The ``steps`` DDIM timesteps, ascending (``leading``: guided-diffusion's ``ddimN``; ``linspace``: 0 .. T-1)."""
     if not 1 <= int(steps) <= num_train_timesteps:
         raise BadInputError(f"DDIM steps must be in [1, {num_train_timesteps}], got {steps}")
     n, T = int(steps), int(num_train_timesteps)
-    if spacing == "leading":
-        return [i * (T // n) for i in range(n)]
+    if spacing == "leading":  # respace.space_timesteps(T, "ddimN"): the smallest stride giving exactly N steps
+        for stride in range(1, T + 1):
+            if len(range(0, T, stride)) == n:
+                return list(range(0, T, stride))
+        raise BadInputError(f"no integer stride gives exactly {n} of {T} timesteps (guided-diffusion's ddim{n}); "
+                            "use spacing linspace")
     if spacing == "linspace":
         return [round(i * (T - 1) / max(n - 1, 1)) for i in range(n)] if n > 1 else [T - 1]
     raise BadInputError(f"unknown DDIM spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
