@@ -338,7 +338,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preset", default=None, help="Detect preset: dire-adm256, dire-sd, aeroblade."),
         click.option("-m", "--model", default=None, help="Diffusion model (preset name, local diffusers folder or hub id)."),
         click.option("--steps", type=int, default=None, help="DDIM steps (inversion and reconstruction each)."),
-        click.option("--resolution", type=int, default=None, help="Square input size (images smaller than this are refused)."),
+        click.option("--resolution", type=int, default=None, help="Square input size (DIRE: the preset's resize policy; AEROBLADE: centre crops of this size instead of whole images)."),
         click.option("--score", type=click.Choice(SCORES), default=None, help="Training-free statistic."),
         click.option("--autoencoder", "autoencoders", multiple=True,
                      help="AEROBLADE autoencoder MODEL[:COMPONENT] (repeatable; default: the preset's SD1, SD2, Kandinsky 2.1)."),
