@@ -241,8 +241,9 @@ def test_aeroblade_distance_is_lpips_layer2_golden() -> None:
     weights, L1, or no per-position unit normalisation all miss them by far."""
     g = _golden("aeroblade_golden.safetensors")
     dist = VGGLayer2Distance()
-    torch.testing.assert_close(dist(g["a"], g["b"]), g["lpips_vgg_2"], rtol=1e-4, atol=1e-7)
-    assert float(dist(g["a"], g["a"]).abs().max()) == 0.0
+    a, b = g["a"].float() / 255, g["b"].float() / 255
+    torch.testing.assert_close(dist(a, b), g["lpips_vgg_2"], rtol=1e-4, atol=1e-7)
+    assert float(dist(a, a).abs().max()) == 0.0
 
 
 def test_aeroblade_reconstructs_as_the_reference(tiny_sd_dir: Path) -> None:

@@ -150,15 +150,15 @@ def main() -> None:
         from safetensors.torch import save_file
 
         g = torch.Generator().manual_seed(3)
-        a = torch.floor(torch.rand(3, 3, 32, 40, generator=g) * 256).clamp(max=255) / 255
-        b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
-        golden = reference_lpips2(distances, dist, a, b, fp16=False)
+        a8 = torch.randint(0, 256, (3, 3, 32, 40), generator=g, dtype=torch.uint8)
+        b8 = (a8.float() + 25 * torch.randn(a8.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+        golden = reference_lpips2(distances, dist, a8.float() / 255, b8.float() / 255, fp16=False)
         meta = {"reference": f"github.com/jonasricker/aeroblade@{args.commit}",
                 "command": f"python benchmarks/fidelity/aeroblade.py --reference REF --commit {args.commit} "
                            f"--write-fixture {args.write_fixture}",
-                "what": "_PatchedLPIPS(net=vgg, spatial=True) layer-2 map mean (fp32) of a vs b, trunk VGGLayer2Distance()"}
+                "what": "_PatchedLPIPS(net=vgg, spatial=True) layer-2 map mean (fp32) of a/255 vs b/255, trunk VGGLayer2Distance()"}
         args.write_fixture.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"a": a.contiguous(), "b": b.contiguous(), "lpips_vgg_2": golden.contiguous()}, str(args.write_fixture), metadata=meta)
+        save_file({"a": a8.contiguous(), "b": b8.contiguous(), "lpips_vgg_2": golden.contiguous()}, str(args.write_fixture), metadata=meta)
 
 
 if __name__ == "__main__":
