@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from difffeat.backbone import compile_denoiser
 from difffeat.errors import BadInputError, DiffFeatError, one_of
-from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
+from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder, whole_image
 from difffeat.heads.checkpoint import check_backbone, feature_record
 from difffeat.presets import precedence
 from difffeat.heads.dire import (
@@ -99,7 +99,9 @@ class Detector:
         return self.settings is not None
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
-        """One PIL image -> [3,S,S] in [0,1]; too-small images raise one line."""
+        """One PIL image -> [3,S,S] in [0,1] (``resize: none``: the whole image); too-small images raise one line."""
+        if self.resize == "none":
+            return pil_to_tensor(whole_image(img))
         return pil_to_tensor(fit_square(img, self.size, self.resize))
 
     @torch.no_grad()
@@ -180,8 +182,8 @@ def detector_from_preset(name: str, model: str | None = None, *, dire: Mapping[s
         from difffeat.distributed import resolve_device
 
         dist = VGGLayer2Distance().load_imagenet(echo).to(resolve_device(device))
-        size = int((dire or {}).get("resolution", p.get("resolution", 512)))
-        cfg = {"preset": name, "score": score, "resolution": size, "resize": p.get("resize", "crop"),
+        size = int((dire or {}).get("resolution") or 0)  # a resolution: centre crops of that size, not whole images
+        cfg = {"preset": name, "score": score, "resolution": size, "resize": "crop" if size else p.get("resize", "none"),
                "backbone": {"preset": "aeroblade", "autoencoders": [a.name for a in aes], "layers": None, "timesteps": None},
                "distance": {"name": p.get("distance", "vgg16-layer2"), "pretrained": dist.pretrained}}
         return Detector(cfg, size, cfg["resize"], autoencoders=aes, distance=dist, calibration=calibration, score=score)
@@ -274,7 +276,10 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
     for p in paths:
         try:
             img = load_image(p)
-            batch.append((p, det.prepare(transform(img) if transform else img)))
+            x = det.prepare(transform(img) if transform else img)
+            if batch and batch[-1][1].shape != x.shape:  # whole images (AEROBLADE): a batch per run of one size
+                flush()
+            batch.append((p, x))
         except DiffFeatError as e:
             run.fail(p, f"{p}: {e}")
         bar.update(1)
@@ -336,7 +341,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preset", default=None, help="Detect preset: dire-adm256, dire-sd, aeroblade."),
         click.option("-m", "--model", default=None, help="Diffusion model (preset name, local diffusers folder or hub id)."),
         click.option("--steps", type=int, default=None, help="DDIM steps (inversion and reconstruction each)."),
-        click.option("--resolution", type=int, default=None, help="Square input size (images smaller than this are refused)."),
+        click.option("--resolution", type=int, default=None, help="Square input size (DIRE: the preset's resize policy; AEROBLADE: centre crops of this size instead of whole images)."),
         click.option("--score", type=click.Choice(SCORES), default=None, help="Training-free statistic."),
         click.option("--autoencoder", "autoencoders", multiple=True,
                      help="AEROBLADE autoencoder MODEL[:COMPONENT] (repeatable; default: the preset's SD1, SD2, Kandinsky 2.1)."),
@@ -422,9 +427,12 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
                 errors.append(e)
-        if todo:
-            res = det(torch.stack([x for _, x in todo]))
-            for i, (it, _) in enumerate(todo):
+        sizes: dict[tuple[int, ...], list[tuple[Any, torch.Tensor]]] = {}
+        for it, x in todo:  # whole images (AEROBLADE): one forward per image size in the batch
+            sizes.setdefault(tuple(x.shape), []).append((it, x))
+        for group in sizes.values():
+            res = det(torch.stack([x for _, x in group]))
+            for i, (it, _) in enumerate(group):
                 if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
                     continue
                 if dire_dir is not None:
@@ -540,7 +548,7 @@ def _train_pooled(p: Mapping[str, Any], model: str | None, dire_over: Mapping[st
     import difffeat
 
     feat = p["detect"].get("features", {})
-    settings = DireSettings.from_dict({**p["detect"].get("dire", {}), **dire_over})
+    settings = DireSettings.from_dict(precedence(dire_over, p["detect"].get("dire")))  # options over the preset
     bb = _load_bb(_model_of(p, model), dtype, device)
     ex = difffeat.create(bb.source, backbone=bb, layers=feat.get("layers"), timesteps=feat.get("timesteps"),
                          resolution=settings.resolution, resize="resize", seed=seed, compile=compile_)
@@ -641,8 +649,8 @@ def eval_detect_cmd(real_dir: Path, fake_dir: Path, head: Path | None, training_
     run = FolderRun(echo=_echo)
     results = {"as-is": evaluate(det, real, fake, batch_size, None, run)}
     if normalize_format:
-        results["normalized"] = evaluate(det, real, fake, batch_size, (size or det.size, jpeg_quality), run)
-        results["normalized"].update(jpeg_quality=jpeg_quality, size=size or det.size)
+        results["normalized"] = evaluate(det, real, fake, batch_size, (size or det.size or 512, jpeg_quality), run)
+        results["normalized"].update(jpeg_quality=jpeg_quality, size=size or det.size or 512)
     click.echo(f"{'setting':<12} {'ACC':>7} {'AP':>7} {'real ACC':>9} {'fake ACC':>9} {'n real':>7} {'n fake':>7}")
     for name, m in results.items():
         acc = lambda k: f"{100 * m[k]:.1f}" if k in m else "n/a"  # noqa: E731
