@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(1)  # tiny models on a shared CPU: threads spin (10-100x slower)
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         import tiny_models

@@ -81,7 +81,9 @@ def classify_preset(name: str) -> dict[str, Any]:
 
 def read_prompts_file(path: Path) -> dict[str, str]:
     """Per-class prompts from a CSV with ``prompt`` and ``classname`` columns (the reference's
-    ``prompts/*.csv`` format; ``classidx`` and other columns are ignored), in file order."""
+    ``prompts/*.csv`` format; other columns are ignored), in file order. A repeated class name
+    (the reference's ImageNet CSV has two ``missile`` and two ``sunglasses`` classes, with the
+    same prompt) becomes ``"name (classidx)"`` so that every class has its own name."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"prompts file not found: {path}")
@@ -92,6 +94,8 @@ def read_prompts_file(path: Path) -> dict[str, str]:
         out: dict[str, str] = {}
         for row in reader:
             name = str(row["classname"]).strip()
+            if name in out:
+                name = f"{name} ({row.get('classidx') or len(out)})"
             if name in out:
                 raise BadInputError(f"{path}: class {name!r} appears twice")
             out[name] = str(row["prompt"]).strip()
