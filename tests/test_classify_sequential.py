@@ -30,9 +30,9 @@ from difffeat.registry import TINY_DIR
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dc_tiny_errors.safetensors"
 SCHEDULE = Schedule((5, 50), (5, 1))  # the paper's (n, 10n) / (5, 1) shape, CIFAR-10's scaled by 1/10
-FAST = dict(delta=0.05, check_every=5)  # the -fast presets' racing settings, on this grid
+FAST = dict(delta=0.05, check_every=8)  # the -fast presets' settings
 N_SCENES, AGREE_MIN = 64, 0.98
-EVALS_MAX = 0.80  # measured ratio of evaluations (sequential / paper), see the report below
+EVALS_MAX = 0.78  # measured 0.732 (64/64 agree); at most 1/3 is NOT reached on this world, see docs/classify.md
 NAMES = [str(c) for c in range(8)]
 
 
