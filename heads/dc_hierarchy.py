@@ -129,6 +129,20 @@ class HierarchicalClassifier:
         self.leaves = DiffusionClassifier(backbone, names, prompts=prompts, schedule=leaf_schedule or Schedule(),
                                           **kwargs)
 
+    @property
+    def classes(self) -> list[str]:
+        """The leaf classes (what a prediction can be)."""
+        return [n.name for n in self.tree.leaves()]
+
+    @property
+    def backbone(self) -> DiffusionBackbone:
+        return self.leaves.backbone
+
+    @property
+    def schedule(self) -> Schedule:
+        """The leaf schedule (a flat run over every leaf would cost ``schedule.unet_evals(len(classes))``)."""
+        return self.leaves.schedule
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> list[Prediction]:
         """Classify images [B,3,H,W] in [0,1]: VAE once, then the walk per image."""

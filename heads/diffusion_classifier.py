@@ -468,6 +468,7 @@ class DiffusionClassifier:
         T = bb.num_train_timesteps
         self.grid = self.schedule.grid(T)
         w = torch.ones(T) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.weights = None if weights is None else w  # per-timestep weights [T] as given
         if w.numel() != T:
             raise BadInputError(f"timestep weights need {T} values, got {w.numel()}")
         trials = self.schedule.trials

@@ -412,6 +412,8 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 @click.option("--delta", type=float, default=None, help="Sequential schedule: drop a class once it is worse than the leader at error rate DELTA (the -fast presets; 0 = the paper's schedule).")
 @click.option("--check-every", type=int, default=None, help="Sequential schedule: pairs per class between two racing checks (default 8).")
 @click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="Per-class prompts: a CSV with prompt,classname columns (the reference's prompts/*.csv).")
+@click.option("--hierarchy", type=click.Path(path_type=Path), default=None, help="HDC: a class tree (JSON) whose leaves are the classes; prune level by level (docs/classify.md).")
+@click.option("--hierarchy-keep", default="5", show_default=True, help="HDC: nodes kept per level (one number, or one per level: '10,5,3').")
 @click.option("--temperature", default=None, help="Score temperature (a number, e.g. one fitted by --eval) or 'auto'.")
 @click.option("--topk", type=int, default=5, show_default=True, help="Classes listed in the topk column.")
 @click.option("--probe", "probe_path", type=click.Path(path_type=Path), default=None, help="Apply a probe from `difffeat train probe` instead.")
@@ -431,7 +433,8 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, model: str | None, preset: str | None,
                  template: str | None, n_samples: str | None, to_keep: str | None, loss: str | None, trials: int | None,
                  t_weights: str | None, early_stop: float | None, delta: float | None, check_every: int | None,
-                 prompts_file: Path | None, temperature: str | None, topk: int,
+                 prompts_file: Path | None, hierarchy: Path | None, hierarchy_keep: str, temperature: str | None,
+                 topk: int,
                  probe_path: Path | None, probe_kind: str, resolution: int | None, dtype: str | None, device: str | None,
                  max_batch: int, compile_: bool, compile_mode: str, seed: int, random_weights: bool, out: Path,
                  evaluate: bool, overwrite: bool) -> None:
@@ -452,11 +455,17 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                              max_batch=max_batch, compile=compile_, random_weights=random_weights)
         predict, names, zero_shot, batch = probe_predictor(probe, ex, probe_kind), probe.classes, False, 8
     else:
+        if hierarchy is not None and class_list is None:
+            from difffeat.heads.dc_hierarchy import load_tree
+
+            class_list = [n.name for n in load_tree(hierarchy).leaves()]  # the tree's leaves are the classes
         clf, res = build_zero_shot(model, preset, class_list, sorted(set(labels)) if evaluate else None, template,
                                    n_samples, to_keep, loss, trials, t_weights, early_stop, temperature, resolution,
                                    dtype, device, max_batch, compile_, seed, random_weights, delta=delta,
                                    check_every=check_every, prompts_file=prompts_file,
                                    compile_mode=None if compile_mode == "default" else compile_mode)
+        if hierarchy is not None:
+            clf = hierarchical(clf, hierarchy, _ints(hierarchy_keep, "--hierarchy-keep") or (5,))
         predict, names, zero_shot, batch = zero_shot_predictor(clf, res), clf.classes, True, 1
     if evaluate:
         folder_to_class(labels, names)  # fail before the run if a folder matches no class
@@ -477,6 +486,23 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
         if "fitted_temperature" in r:
             click.echo(f"fitted score temperature: {r['fitted_temperature']:.4g} (pass --temperature to calibrate scores)")
     run.finish("images")
+
+
+def hierarchical(flat: DiffusionClassifier, tree_path: Path, keep: Sequence[int]) -> Any:
+    """HDC over ``flat``'s settings: its leaf schedule and racing, levels on its first stage's
+    timesteps; leaf prompts from ``flat`` where a leaf of the tree is one of its classes."""
+    from difffeat.heads.dc_hierarchy import HierarchicalClassifier, load_tree
+
+    tree = load_tree(tree_path)
+    by_class = dict(zip(flat.classes, flat.prompts or []))
+    for n in tree.leaves():
+        n.prompt = n.prompt or by_class.get(n.name)
+    sch = flat.schedule
+    return HierarchicalClassifier(
+        flat.backbone, tree, keep=list(keep), level_schedule=Schedule(sch.n_samples[:1], (1,), sch.loss, sch.trials),
+        leaf_schedule=sch, weights=flat.weights, max_batch=flat.max_batch,
+        seed=flat.seed, temperature=flat.temperature, early_stop=flat.early_stop, delta=flat.delta,
+        check_every=flat.check_every, static_batches=flat.static_batches)
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:

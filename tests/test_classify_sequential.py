@@ -193,6 +193,29 @@ def test_hierarchy_prunes_as_specified(tiny_pixel_cls_dir: Path, tmp_path: Path,
     assert set(pred.classes) == {n for n in ("0", "1", "2") if int(n) in scored}  # pruned leaves are not listed
 
 
+def test_cli_hierarchy(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """``difffeat classify --hierarchy``: the leaves are the classes, pruned leaves cost nothing."""
+    from test_classify import labelled, run_cli
+
+    root = labelled(tmp_path / "imgs", ["cat", "dog"], 1)
+    tree = tmp_path / "tree.json"
+    tree.write_text(json.dumps({"name": "r", "children": [
+        {"name": "pet", "children": [{"name": "cat"}, {"name": "dog"}]}, {"name": "bird"}]}))
+    out = tmp_path / "p.csv"
+    r = run_cli("classify", str(root), "-m", str(tiny_sd_dir), "--hierarchy", str(tree), "--hierarchy-keep", "1",
+                "--n-samples", "1,2", "--to-keep", "1,1", "--resolution", "64", "--device", "cpu", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and all(row["top1"] in ("cat", "dog", "bird") for row in rows)
+    # level 1: pet vs bird on 1 timestep (2 evals); then bird alone (2 more) or cat and dog (3 more)
+    import re
+
+    m = re.search(r"denoiser evaluations per image: mean (\d+), max (\d+) \(the paper schedule: 4\)", r.output)
+    assert m and 4 <= int(m.group(1)) <= int(m.group(2)) <= 5, r.output
+
+
 def test_shipped_imagenet_wordnet_tree() -> None:
     import difffeat.configs
 
