@@ -325,7 +325,8 @@ class Prediction:
     """The ranked classes of one image.
 
     ``classes`` are ranked best first: survivors of later stages before classes eliminated
-    earlier, each group by mean error. ``errors[i]`` is the (weighted) mean loss of
+    earlier, then (racing) classes scored on more pairs first, then by mean error. With
+    ``candidates`` (the hierarchy) only the candidates are listed. ``errors[i]`` is the (weighted) mean loss of
     ``classes[i]`` over the ``samples[i]`` (t, ε) pairs it was scored on; ``gaps[i]`` is that
     mean minus the top class's mean over the same pairs (paired, so comparable across
     stages; 0 for the top class). ``scores`` = softmax(-gaps / temperature).
