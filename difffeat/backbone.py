@@ -133,7 +133,7 @@ class DiffusionBackbone(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return int(self.denoiser.config.in_channels)
+        return self.adapter.latent_channels
 
     @property
     def patch_size(self) -> int:
@@ -209,13 +209,15 @@ class DiffusionBackbone(nn.Module):
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        s = t.to(like.device, torch.float32) / self.num_train_timesteps
+        hw = (like.shape[-2], like.shape[-1])
+        s = self.adapter.flow_sigma(t.to(like.device), hw, self.num_train_timesteps).to(torch.float32)
         return s.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x_0) for the model's scheduler.
 
-        DDPM family: sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Flow matching (SD3): (1-σ)·x0 + σ·ε, σ = t/T.
+        DDPM family: sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Flow matching (SD3, FLUX): (1-σ)·x0 + σ·ε,
+        σ = the family's ``flow_sigma(t)`` (t/T; FLUX optionally with its resolution shift).
         Computed in fp32, returned in x0's dtype.
         """
         x0f, nf = x0.float(), noise.float()
@@ -317,11 +319,11 @@ class DiffusionBackbone(nn.Module):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One denoiser call; returns the model output (same shape as ``x_t``)."""
         self.adapter.check_input(x_t)
-        t = self.timestep_input(t)
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
-        # timestep by keyword: PixArt/SD3 take encoder_hidden_states second
-        out = self.denoiser(x_t.to(self.dtype), timestep=t, **cond.kwargs, return_dict=False)[0]
+        # timestep by keyword (PixArt/SD3 take encoder_hidden_states second); the family packs (FLUX)
+        x_in, kwargs = self.adapter.denoiser_inputs(x_t.to(self.dtype), t, dict(cond.kwargs), self.num_train_timesteps)
+        out = self.adapter.denoiser_output(self.denoiser(x_in, **kwargs, return_dict=False)[0], x_t)
         if out.shape[1] != x_t.shape[1]:  # learned-sigma models (DiT) predict [eps, var]
             out = out[:, : x_t.shape[1]]
         return out

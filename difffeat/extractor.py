@@ -40,8 +40,11 @@ from .errors import BadInputError, OutOfMemoryError, one_of
 from .geometry import Geometry
 from .io import image_key
 from .protocol import dtype_name, portable_name
-from .layers import block_level
+from .adaln import discard, modulate
+from .layers import as_map, block_level
 from .noise import draw
+
+MOD = "#mod"  # captured (shift, scale) of an adaln layer, averaged over the ensemble like its features
 
 
 class _StopForward(Exception):
@@ -66,6 +69,10 @@ class FeatureExtractor(nn.Module):
         compile: ``torch.compile`` the heavy sub-modules that carry no hook.
         early_exit: stop the forward after the deepest requested layer (exact).
         attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
+        adaln: DiTF's AdaLN-modulated features: ``block.k`` becomes block k's own AdaLN output on
+            its input, after the ensemble mean (FLUX, SD3; see :mod:`difffeat.adaln`).
+        discard_channels: DiTF's massive-activation channel discard (zeroed after the ensemble
+            mean, before the AdaLN norm); recorded in :meth:`metadata`.
     """
 
     def __init__(
@@ -85,6 +92,8 @@ class FeatureExtractor(nn.Module):
         compile: bool = False,
         early_exit: bool = True,
         attention_heads: str = "mean",
+        adaln: bool = False,
+        discard_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -109,10 +118,23 @@ class FeatureExtractor(nn.Module):
             self._anchor[name] = layer
         if not self.layers:
             raise BadInputError("no layers requested")
+        self.adaln, self.discard_channels = bool(adaln), sorted(int(c) for c in discard_channels or ())
+        self._adaln_eps = 1e-6  # the blocks' LayerNorm eps, read from the block in the hook
+        if self.adaln:
+            self._check_adaln()
         attn_names = [n for n in self.layers if parse_attention_name(n)]
         self._attention = AttentionCapture(self._modules_by_name, attn_names, attention_heads) if attn_names else None
         if compile:
             self.compile_denoiser()
+
+    def _check_adaln(self) -> None:
+        """adaln reads transformer blocks' inputs: only ``block.*`` names of an AdaLN family."""
+        if not self.backbone.adapter.adaln:
+            raise BadInputError(f"adaln (DiTF) needs an AdaLN-Zero transformer (FLUX, SD3); "
+                                f"{self.backbone.name} is {self.backbone.family}")
+        bad = [n for n in self.layers if not n.startswith("block.") or n.count(".") != 1]
+        if bad:
+            raise BadInputError(f"adaln (DiTF) applies to transformer blocks block.K only, not {bad[0]!r}")
 
     # ------------------------------------------------------------------ description
     @property
@@ -163,6 +185,7 @@ class FeatureExtractor(nn.Module):
             "timesteps": self.timesteps, "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed,
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
+            "adaln": self.adaln, "discard_channels": list(self.discard_channels),
         }
 
     @property
@@ -175,7 +198,8 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir}
+                "prompt_cache": bb.prompt_cache_dir, "adaln": self.adaln,
+                "discard_channels": list(self.discard_channels)}
 
     @property
     def device(self) -> torch.device:
@@ -288,7 +312,20 @@ class FeatureExtractor(nn.Module):
                     if key not in sums:
                         sums[key] = torch.zeros((B, *f.shape[1:]), device=f.device, dtype=torch.float32)
                     sums[key].index_add_(0, img_of_row[r0:r1][sel], f[sel])
-        return {k: sums[k] / E for k in self.keys}
+        return self._finish({k: v / E for k, v in sums.items()})
+
+    def _finish(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ensemble means -> outputs: DiTF's channel discard and AdaLN modulation when asked."""
+        out = {}
+        for layer in self.layers:
+            for t in self.timesteps:
+                key = self._key(layer, t)
+                if self.adaln:
+                    shift, scale = means[self._key(layer + MOD, t)].chunk(2, dim=1)
+                    out[key] = modulate(means[key], shift, scale, self._adaln_eps, self.discard_channels)
+                else:
+                    out[key] = discard(means[key], self.discard_channels)
+        return out
 
     def run_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """One hooked denoiser call on noisy inputs; returns the raw (non-averaged) layer maps."""
@@ -309,7 +346,11 @@ class FeatureExtractor(nn.Module):
 
             return hook
 
-        handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
+        if self.adaln:
+            handles = [self._modules_by_name[n].register_forward_pre_hook(self._adaln_hook(n, captured, hw, last),
+                                                                          with_kwargs=True) for n in anchors]
+        else:
+            handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
         attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
         try:
             with attention as sinks:
@@ -322,6 +363,20 @@ class FeatureExtractor(nn.Module):
             for h in handles:
                 h.remove()
         return captured
+
+    def _adaln_hook(self, name: str, captured: dict[str, torch.Tensor], hw: tuple[int, int], last: str | None):  # type: ignore[no-untyped-def]
+        """Pre-hook of block ``name``: its input (as a map) and its (shift, scale); the deepest one
+        ends the forward before its block runs (nothing of it is needed)."""
+        adapter = self.backbone.adapter
+
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            x, shift, scale, self._adaln_eps = adapter.adaln_input(module, kwargs)
+            captured[name] = as_map(x, hw, adapter.patch)
+            captured[name + MOD] = torch.cat([shift, scale], dim=1)
+            if name == last:
+                raise _StopForward
+
+        return hook
 
     # ------------------------------------------------------------------ speed
     def compile_denoiser(self) -> None:

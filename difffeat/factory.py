@@ -14,7 +14,8 @@ from .protocol import Extractor
 from .registry import DEFAULT_MODEL, MODELS, get_preset, is_feature_model, method_presets, resolve
 
 # what a fusion preset fixes per source (give them in its YAML, or build the FusedExtractor yourself)
-_PER_SOURCE = ("layers", "timesteps", "ensemble", "noise", "latent", "prompt", "class_label", "resolution", "resize")
+_PER_SOURCE = ("layers", "timesteps", "ensemble", "noise", "latent", "prompt", "class_label", "resolution", "resize",
+               "adaln", "discard_channels")
 
 
 def create(
@@ -44,6 +45,8 @@ def create(
     weights: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     backbone: DiffusionBackbone | None = None,
+    adaln: bool | None = None,
+    discard_channels: Sequence[int] | None = None,
 ) -> Extractor:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
@@ -59,9 +62,11 @@ def create(
     T5 text encoders (SD3, PixArt); ``prompt_cache`` is a folder of cached prompt embeddings
     (see :func:`~difffeat.backbone.load_backbone`). ``fusion`` is a fusion spec as the YAML
     presets write it; ``weights`` / ``model_kwargs`` go to DINOv2 (a local file, timm kwargs).
+    ``adaln`` / ``discard_channels``: DiTF's post-processing (FLUX, SD3; :mod:`difffeat.adaln`).
     """
     given = dict(layers=layers, timesteps=timesteps, ensemble=ensemble, noise=noise, latent=latent, prompt=prompt,
-                 class_label=class_label, resolution=resolution, resize=resize)
+                 class_label=class_label, resolution=resolution, resize=resize, adaln=adaln,
+                 discard_channels=discard_channels)
     common = dict(dtype=dtype, device=device, random_weights=random_weights, max_batch=max_batch, compile=compile,
                   seed=seed, use_t5=use_t5, prompt_cache=prompt_cache)
     settings: dict[str, Any] = {}
@@ -88,7 +93,7 @@ def create(
     from .extractor import FeatureExtractor
 
     library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,
-                   noise="random", latent="mean", prompt="", resize="resize")
+                   noise="random", latent="mean", prompt="", resize="resize", adaln=False, discard_channels=())
     opts = precedence(given, settings, model_defaults, library)
     return FeatureExtractor(bb, seed=seed, max_batch=max_batch, compile=compile, early_exit=early_exit,
                             attention_heads=attention_heads, **{**opts, "ensemble": int(opts["ensemble"])})

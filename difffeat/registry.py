@@ -31,7 +31,7 @@ class ModelPreset:
 
     name: str
     hub_id: str
-    family: str  # sd | sdxl | pixel | dit | sd3 | pixart | dinov2
+    family: str  # sd | sdxl | pixel | dit | sd3 | flux | pixart | dinov2 | dinov3
     resolution: int
     layers: tuple[str, ...]
     timesteps: tuple[int, ...] = (0,)
@@ -63,6 +63,9 @@ _CLEANDIFT_SRC = (
     "CleanDIFT (Stracke et al., CVPR 2025) reports PixArt (and FLUX) features underperform SD 1.x/2.x for "
     "semantic correspondence: prefer sd21 there"
 )
+_DITF_SRC = ("DiTF (Gan et al., NeurIPS 2025, github ganchaofan0000/DiTF eval_spair.sh): FLUX.1-dev k=28 t=260 "
+             "ensemble 8 at 640², AdaLN + channel discard (preset `ditf`): SPair-71k PCK@0.1 67.1 (paper, not verified "
+             "here); raw block features without AdaLN: 29.9")
 # middle block; t with the signal-to-noise ratio of DIFT's t=261 on SD (alpha_bar = 0.656)
 _SNR_SRC = "unvalidated: middle block, t={t} = the {model} timestep ({what}) with the SNR of DIFT's SD t=261"
 
@@ -74,6 +77,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                   "tokenizer_3", "scheduler")
+FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 OPENRAIL_M = "CreativeML OpenRAIL-M"
 OPENRAIL_PP = "CreativeML Open RAIL++-M"
 STABILITY_COMMUNITY = "Stability AI Community License"
@@ -181,6 +185,19 @@ MODELS: dict[str, ModelPreset] = {
             size="~12-22 GB (T5-XXL encoder; depends on stored precision)",
             unconfirmed="licence tag and stored precision of the T5 encoder not confirmed",
         ),
+        *[
+            ModelPreset(
+                f"flux-{v}", f"black-forest-labs/FLUX.1-{v}", "flux", 640, ("block.28",), (260,), 1,
+                source=_DITF_SRC,
+                description=f"FLUX.1-{v}: 19 double-stream + 38 single-stream blocks x 3072 (block.0-18, block.19-56), "
+                "rectified flow on 2x2-packed 16-channel latents, CLIP-L pooled + T5-XXL (optional: use_t5=False "
+                "feeds zeros)" + (", guidance embedding (3.5)." if v == "dev" else ", timestep-distilled (no guidance)."),
+                license="FLUX.1 [dev] Non-Commercial License" if v == "dev" else "Apache-2.0",
+                gated=v == "dev", components=FLUX_COMPONENTS, size="~34 GB bf16 (~24 GB transformer, ~9.5 GB T5-XXL)",
+                unconfirmed="component sizes estimated from parameter counts (12B transformer, 4.7B T5), not measured",
+            )
+            for v in ("dev", "schnell")
+        ],
     ]
 }
 
