@@ -73,6 +73,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)."),
         click.option("--max-batch", type=int, default=16, show_default=True, help="Denoiser rows per call."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoiser's blocks."),
+        click.option("--adaln/--no-adaln", default=None, help="DiTF: AdaLN-modulated block features (FLUX, SD3 block.K)."),
+        click.option("--discard-channels", default=None,
+                     help="DiTF: comma-separated massive-activation channels zeroed before the AdaLN norm ('none': none)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -94,10 +97,22 @@ def model_with_weights(model: str | None, weights: str | None) -> str | None:
     return single_file(weights, model)
 
 
+def postprocess_options(adaln: bool | None = None, discard_channels: str | None = None, **_: Any) -> dict[str, Any]:
+    """The shared options that shape features after extraction (DiTF's), as ``create`` keywords."""
+    channels = None
+    if discard_channels is not None:
+        text = discard_channels.strip().lower()
+        try:
+            channels = [] if text in ("", "none") else [int(c) for c in text.split(",")]
+        except ValueError:
+            raise BadInputError(f"--discard-channels takes comma-separated integers, got {discard_channels!r}") from None
+    return {"adaln": adaln, "discard_channels": channels}
+
+
 def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], ensemble: int | None,
                            prompt: str | None, noise: str | None, seed: int, resolution: int | None, resize: str | None,
                            dtype: str | None, device: str | None, max_batch: int, compile_: bool,
-                           weights: str | None = None, **_: Any) -> Any:
+                           weights: str | None = None, **rest: Any) -> Any:
     """Build the extractor the shared options describe (on this rank's GPU under torchrun)."""
     from .distributed import rank_device
     from .factory import create
@@ -105,7 +120,7 @@ def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps
     model = model_with_weights(model, weights)
     return create(model, layers=list(layers) or None, timesteps=list(timesteps) or None, ensemble=ensemble, prompt=prompt,
                   noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=rank_device(device),
-                  max_batch=max_batch, compile=compile_)
+                  max_batch=max_batch, compile=compile_, **postprocess_options(**rest))
 
 
 # ---------------------------------------------------------------- core commands

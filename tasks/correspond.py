@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
-from difffeat.cli import model_options
+from difffeat.cli import model_options, postprocess_options
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.distributed import dist_info, rank_share
 from difffeat.fusion import l2_normalize, resample
@@ -316,7 +316,7 @@ def build_pipeline(preset: str | None = "dift", *, matching: dict[str, Any] | No
                       timesteps=list(opts["timesteps"]) or None, ensemble=opts["ensemble"], prompt=opts["prompt"],
                       noise=opts["noise"], seed=opts["seed"], resolution=opts["resolution"], resize=opts["resize"],
                       dtype=opts["dtype"], device=rank_device(opts["device"]), max_batch=opts["max_batch"],
-                      compile=opts["compile_"])
+                      compile=opts["compile_"], **postprocess_options(**opts))
 
     return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=opts["prompt"],
                               name=p.name, preset=p.raw, factory=factory)

@@ -179,3 +179,28 @@ def test_adaln_on_sd3_joint_blocks_and_refused_on_unets(tmp_path, tiny_sd_dir) -
     assert torch.allclose(ex(imgs)["block.1"].flatten(2).transpose(1, 2), ref, atol=1e-4)
     with pytest.raises(BadInputError, match="AdaLN-Zero"):
         difffeat.create(str(tiny_sd_dir), layers=["up.1"], adaln=True, device="cpu")
+
+
+def test_ditf_preset_end_to_end_on_the_cli(flux_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from difffeat.cli import cli, load_task_commands
+    from difffeat.registry import get_preset
+
+    load_task_commands()
+    ext = get_preset("ditf").extract
+    assert (ext["model"], ext["layers"], ext["timesteps"], ext["ensemble"], ext["resolution"]) == (
+        "flux-dev", ["block.28"], [260], 8, 640)
+    assert ext["adaln"] is True and ext["discard_channels"] == [154, 1446]
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.png", (64, 80, 3)), ("b.png", (48, 64, 3))):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(tmp_path / name)
+    args = ["correspond", tmp_path / "a.png", tmp_path / "b.png", "--points", "10,12;30,40", "--preset", "ditf",
+            "-m", flux_dir, "-l", "block.3", "-e", "1", "--resolution", "64", "--device", "cpu", "--dtype", "fp32",
+            "-o", tmp_path / "out"]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "discard channel 154 out of range for 32 channels" in r.output and r.exit_code != 0  # FLUX.1's channels
+    r = CliRunner().invoke(cli, [str(a) for a in args + ["--discard-channels", "3,7"]])
+    assert r.exit_code == 0, r.output
+    assert len(__import__("json").loads((tmp_path / "out" / "a__b.json").read_text())["matches"]) == 2
