@@ -204,3 +204,18 @@ def test_ditf_preset_end_to_end_on_the_cli(flux_dir, tmp_path) -> None:  # type:
     r = CliRunner().invoke(cli, [str(a) for a in args + ["--discard-channels", "3,7"]])
     assert r.exit_code == 0, r.output
     assert len(__import__("json").loads((tmp_path / "out" / "a__b.json").read_text())["matches"]) == 2
+
+
+def test_flux_benchmark_runs_tiny_on_cpu() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "extract_flux.py"
+    spec = importlib.util.spec_from_file_location("extract_flux", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    rows = mod.main(["--tiny", "--device", "cpu", "--iters", "1", "--batch", "1", "--forward-batch", "8",
+                     "--baseline-images", "1"])
+    assert [r["bench"] for r in rows] == ["extract", "denoiser_forward", "baseline"]
+    assert rows[0]["ensemble"] == 8 and rows[0]["tflop_per_image"] >= 0 and rows[1]["batch"] == 8
+    assert rows[2]["speedup"] > 0 and rows[2]["dtype"] == "float32"
