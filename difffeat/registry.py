@@ -251,6 +251,24 @@ for _size, _depth in (("s", 12), ("b", 12), ("l", 24), ("g", 40)):
         )
 
 
+# DINOv3 through timm (Siméoni et al., Meta, Aug. 2025): ViT/16 with 4 register tokens + CLS
+# (timm drops all 5 prefix tokens from features_only maps), ImageNet mean/std (lvd1689m weights).
+DINOV3_LICENSE = "DINOv3 License (Meta; not an open-source licence)"
+for _short, (_arch, _depth, _gb) in {"s": ("small", 12, "~0.09"), "s-plus": ("small_plus", 12, "~0.11"),
+                                     "b": ("base", 12, "~0.34"), "l": ("large", 24, "~1.2"),
+                                     "h-plus": ("huge_plus", 32, "~3.4")}.items():
+    _name = f"dinov3-{_short}"
+    MODELS[_name] = ModelPreset(
+        _name, f"vit_{_arch}_patch16_dinov3.lvd1689m", "dinov3", 960, (f"block.{_depth - 1}",), (0,), 1, resize="snap",
+        source="unvalidated: last block, 960 px = the 60x60 grid of SD-DINO's DINOv2 at 840 px",
+        description=f"DINOv3 ViT-{_short.upper().replace('-PLUS', '+')}/16 (timm, LVD-1689M), 4 registers dropped.",
+        license=DINOV3_LICENSE, gated=True, components=("model.safetensors",), size=f"{_gb} GB fp32",
+        unconfirmed="gating of the timm/ hub repo not confirmed (the facebook/dinov3-* repos are gated); "
+        "sizes estimated from parameter counts",
+    )
+FEATURE_FAMILIES = ("dinov2", "dinov3")  # plain feature networks (timm), not diffusion models
+
+
 @dataclass(frozen=True)
 class MethodPreset:
     """A paper protocol loaded from a YAML file in configs/."""
@@ -354,7 +372,7 @@ def get_preset(name: str) -> MethodPreset:
 
 def is_feature_model(preset: ModelPreset | None) -> bool:
     """Whether a model preset is a plain feature network (DINOv2 through timm), not a diffusion model."""
-    return preset is not None and preset.family == "dinov2"
+    return preset is not None and preset.family in FEATURE_FAMILIES
 
 
 # diffusers' infer_diffusers_model_type -> the preset whose configs fit a single-file checkpoint
@@ -365,7 +383,7 @@ MODEL_TYPE_PRESETS = {"v1": "sd15", "xl_base": "sdxl-base", "sd3": "sd3-medium",
 
 def single_file_preset(preset: ModelPreset) -> bool:
     """Whether a preset's configs can rebuild a single-file checkpoint (a latent diffusers pipeline)."""
-    return preset.family not in ("dinov2", "pixel")
+    return preset.family not in (*FEATURE_FAMILIES, "pixel")
 
 
 def find_repo_preset(repo_id: str) -> ModelPreset | None:
@@ -393,7 +411,7 @@ def resolve(name: str) -> tuple[str, ModelPreset | None]:
 
     if name in MODELS:
         p = MODELS[name]
-        if p.family == "dinov2" or os.path.isdir(p.hub_id):  # timm resolves DINOv2 itself
+        if p.family in FEATURE_FAMILIES or os.path.isdir(p.hub_id):  # timm resolves DINOv2/v3 itself
             return p.hub_id, p
         return str(resolve_hub(name)), p
     if is_checkpoint_file(name):
