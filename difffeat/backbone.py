@@ -77,6 +77,7 @@ class DiffusionBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.source, self.name = source, name or source
+        self.denoiser_weights: str | None = None  # a swapped-in state dict (load_backbone(denoiser_weights=))
         self.use_t5, self.prompt_cache_dir = use_t5, prompt_cache
         self.dtype_, self.device_ = dtype, device
         self._index, self._random = index, random_weights
@@ -387,6 +388,7 @@ def load_backbone(
     random_weights: bool = False,
     use_t5: bool = True,
     prompt_cache: str | None = None,
+    denoiser_weights: str | None = None,
 ) -> DiffusionBackbone:
     """Load a diffusion backbone by preset name, local diffusers folder or hub id.
 
@@ -394,7 +396,9 @@ def load_backbone(
     diffusers with ``text_encoder_3=None``; PixArt: prompts must come as ``prompt_embeds``
     or from the prompt cache). ``prompt_cache`` is a folder where prompt embeddings are
     stored as safetensors, one file per (model, prompt), and read back instead of running
-    the text encoders (not used with ``random_weights``).
+    the text encoders (not used with ``random_weights``). ``denoiser_weights`` (``FILE`` or
+    ``REPO:FILE``, safetensors) replaces the denoiser's weights with a diffusers-format state
+    dict, e.g. CleanDIFT's UNets (:mod:`difffeat.denoiser_weights`).
     """
     from .registry import resolve
 
@@ -409,8 +413,15 @@ def load_backbone(
         if key in ("safety_checker", "feature_extractor", "image_encoder"):
             continue
         comps[key] = load_component(source, key, list(spec), dt, random_weights)
+    if denoiser_weights:  # before the backbone fuses QKV projections (that renames weights)
+        from .denoiser_weights import swap_denoiser_weights
+
+        key = next((k for k in DENOISER_KEYS if comps.get(k) is not None), None)
+        if key is not None:
+            swap_denoiser_weights(comps[key], denoiser_weights)
     bb = DiffusionBackbone(source, comps, index, dt, dev, random_weights, name=preset.name if preset else name_or_path,
                            use_t5=use_t5, prompt_cache=prompt_cache)
+    bb.denoiser_weights = denoiser_weights
     return bb
 
 

@@ -73,6 +73,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)."),
         click.option("--max-batch", type=int, default=16, show_default=True, help="Denoiser rows per call."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoiser's blocks."),
+        click.option("--denoiser-weights", default=None,
+                     help="Replace the denoiser's weights: a diffusers-format state dict, FILE.safetensors or REPO:FILE "
+                     "(CleanDIFT: -m sd15 --denoiser-weights CompVis/cleandift:cleandift_sd15_unet.safetensors)."),
         click.option("--adaln/--no-adaln", default=None, help="DiTF: AdaLN-modulated block features (FLUX, SD3 block.K)."),
         click.option("--discard-channels", default=None,
                      help="DiTF: comma-separated massive-activation channels zeroed before the AdaLN norm ('none': none)."),
@@ -97,8 +100,10 @@ def model_with_weights(model: str | None, weights: str | None) -> str | None:
     return single_file(weights, model)
 
 
-def postprocess_options(adaln: bool | None = None, discard_channels: str | None = None, **_: Any) -> dict[str, Any]:
-    """The shared options that shape features after extraction (DiTF's), as ``create`` keywords."""
+def postprocess_options(adaln: bool | None = None, discard_channels: str | None = None,
+                        denoiser_weights: str | None = None, **_: Any) -> dict[str, Any]:
+    """The shared options beyond layer/timestep/ensemble (DiTF's post-processing, CleanDIFT's
+    weights), as ``create`` keywords."""
     channels = None
     if discard_channels is not None:
         text = discard_channels.strip().lower()
@@ -106,7 +111,7 @@ def postprocess_options(adaln: bool | None = None, discard_channels: str | None 
             channels = [] if text in ("", "none") else [int(c) for c in text.split(",")]
         except ValueError:
             raise BadInputError(f"--discard-channels takes comma-separated integers, got {discard_channels!r}") from None
-    return {"adaln": adaln, "discard_channels": channels}
+    return {"adaln": adaln, "discard_channels": channels, "denoiser_weights": denoiser_weights}
 
 
 def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], ensemble: int | None,

@@ -186,6 +186,7 @@ class FeatureExtractor(nn.Module):
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
             "adaln": self.adaln, "discard_channels": list(self.discard_channels),
+            "denoiser_weights": self.backbone.denoiser_weights,
         }
 
     @property
@@ -198,7 +199,7 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir, "adaln": self.adaln,
+                "prompt_cache": bb.prompt_cache_dir, "denoiser_weights": bb.denoiser_weights, "adaln": self.adaln,
                 "discard_channels": list(self.discard_channels)}
 
     @property

@@ -47,6 +47,7 @@ def create(
     backbone: DiffusionBackbone | None = None,
     adaln: bool | None = None,
     discard_channels: Sequence[int] | None = None,
+    denoiser_weights: str | None = None,
 ) -> Extractor:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
@@ -63,6 +64,8 @@ def create(
     (see :func:`~difffeat.backbone.load_backbone`). ``fusion`` is a fusion spec as the YAML
     presets write it; ``weights`` / ``model_kwargs`` go to DINOv2 (a local file, timm kwargs).
     ``adaln`` / ``discard_channels``: DiTF's post-processing (FLUX, SD3; :mod:`difffeat.adaln`).
+    ``denoiser_weights``: a diffusers-format state dict (``FILE`` or ``REPO:FILE``) replacing the
+    denoiser's weights (CleanDIFT; :mod:`difffeat.denoiser_weights`); method presets may set it.
     """
     given = dict(layers=layers, timesteps=timesteps, ensemble=ensemble, noise=noise, latent=latent, prompt=prompt,
                  class_label=class_label, resolution=resolution, resize=resize, adaln=adaln,
@@ -88,8 +91,9 @@ def create(
         opts = precedence(given, settings, model_defaults)
         return DinoExtractor(name, layers=opts["layers"], resolution=opts["resolution"], resize=opts["resize"],
                              dtype=dtype, device=device, random_weights=random_weights, weights=weights, **(model_kwargs or {}))
+    swap = denoiser_weights or (preset.extract.get("denoiser_weights") if preset is not None else None)
     bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
-                                   use_t5=use_t5, prompt_cache=prompt_cache)
+                                   use_t5=use_t5, prompt_cache=prompt_cache, denoiser_weights=swap)
     from .extractor import FeatureExtractor
 
     library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,
