@@ -175,22 +175,30 @@ def _source_line(p: Any, check_cache: bool) -> str:
 
 @cli.command("layers")
 @click.argument("model", required=False)
-@click.option("--random-weights", is_flag=True, help="Build from the config only (no weights needed).")
+@click.option("--random-weights", is_flag=True,
+              help="Build from the config only, on the meta device (no weights, no memory: any model size).")
 @click.option("--device", default="cpu", show_default=True)
 def layers_cmd(model: str | None, random_weights: bool, device: str) -> None:
     """List a model's layers with channels and stride (input pixels per feature cell)."""
+    import torch
+
     from .backbone import load_backbone
     from .extractor import probe_layers
-    from .registry import DEFAULT_MODEL, is_feature_model, resolve
+    from .registry import CONFIG_SKELETONS, DEFAULT_MODEL, MODELS, is_feature_model
 
-    _, preset = resolve(model or DEFAULT_MODEL)
+    preset = MODELS.get(model or DEFAULT_MODEL)  # folders and hub ids resolve in load_backbone
     if is_feature_model(preset):
         assert preset is not None
         depth = int(preset.layers[0].split(".")[1]) + 1
         for i in range(depth):
             click.echo(f"block.{i}")
         return
-    bb = load_backbone(model or DEFAULT_MODEL, dtype="fp32", device=device, random_weights=random_weights)
+    if random_weights:  # shapes only: nothing is allocated, so the 12B FLUX transformer probes anywhere
+        source = str(CONFIG_SKELETONS.get(model or "", model or DEFAULT_MODEL))
+        with torch.device("meta"):
+            bb = load_backbone(source, dtype="fp32", device="meta", random_weights=True)
+    else:
+        bb = load_backbone(model or DEFAULT_MODEL, dtype="fp32", device=device)
     info = probe_layers(bb)
     click.echo(f"{'layer':<16} {'channels':>8} {'stride':>6}")
     for name, (_, (c, s)) in sorted(info.items(), key=lambda kv: kv[1][0]):

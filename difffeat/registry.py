@@ -234,6 +234,9 @@ MODELS["difffeat-tiny"] = ModelPreset(
     license="Apache-2.0 (difffeat's own)", components=("unet", "scheduler"), size="20 MB, in the package",
 )
 DEFAULT_MODEL = "difffeat-tiny"
+# Configs without weights shipped in the package, for shape probes of models too big to fetch
+# (`difffeat layers flux-dev --random-weights`): denoiser, VAE and scheduler configs only.
+CONFIG_SKELETONS = {name: Path(__file__).parent / "assets" / "configs" / name for name in ("flux-dev", "flux-schnell")}
 
 # DINOv2 through timm (Oquab et al. 2023). Layer names are block.i (0-based).
 for _size, _depth in (("s", 12), ("b", 12), ("l", 24), ("g", 40)):

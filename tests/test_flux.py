@@ -219,3 +219,16 @@ def test_flux_benchmark_runs_tiny_on_cpu() -> None:
     assert [r["bench"] for r in rows] == ["extract", "denoiser_forward", "baseline"]
     assert rows[0]["ensemble"] == 8 and rows[0]["tflop_per_image"] >= 0 and rows[1]["batch"] == 8
     assert rows[2]["speedup"] > 0 and rows[2]["dtype"] == "float32"
+
+
+def test_layers_command_flux_schnell_random_weights_on_meta() -> None:
+    """The real FLUX.1 architecture (12B) probed from the bundled configs on the meta device."""
+    from click.testing import CliRunner
+
+    from difffeat.cli import cli
+
+    r = CliRunner().invoke(cli, ["layers", "flux-schnell", "--random-weights"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[1:]}
+    assert [n for n in rows if n.startswith("block.")] == [f"block.{i}" for i in range(19 + 38)]
+    assert rows["block.28"] == ["3072", "16"] and rows["embed"] == ["3072", "16"] and rows["final"] == ["16", "8"]
