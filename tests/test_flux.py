@@ -137,6 +137,15 @@ def test_adaln_feature_equals_hand_computation(flux) -> None:  # type: ignore[no
     got = ex(imgs, prompts="a cat")["block.3"]
     assert torch.allclose(got.flatten(2).transpose(1, 2), ref, atol=1e-4)
     assert ex.metadata()["adaln"] is True and difffeat.create(**ex.config, backbone=flux).adaln
+    ran = []
+    h = flux.denoiser.single_transformer_blocks[1].register_forward_hook(lambda m, a, o: ran.append(1))
+    try:
+        early = ex(imgs, prompts="a cat")["block.3"]
+        assert ran == []  # the pre-hook of block.3 ends the forward before block.3 runs
+        full = difffeat.create(**{**ex.config, "early_exit": False}, backbone=flux)(imgs, prompts="a cat")["block.3"]
+        assert ran and torch.equal(early, full)
+    finally:
+        h.remove()
 
 
 def test_channel_discard_removes_exactly_the_recorded_channels() -> None:
