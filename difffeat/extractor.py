@@ -199,8 +199,14 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir, "denoiser_weights": bb.denoiser_weights, "adaln": self.adaln,
-                "discard_channels": list(self.discard_channels)}
+                "prompt_cache": bb.prompt_cache_dir, **self._optional_config()}
+
+    def _optional_config(self) -> dict[str, Any]:
+        """Settings recorded only when used, so configs (and checkpoints) of plain extractors keep
+        the keys they always had."""
+        opt = {"adaln": self.adaln or None, "discard_channels": list(self.discard_channels) or None,
+               "denoiser_weights": self.backbone.denoiser_weights}
+        return {k: v for k, v in opt.items() if v is not None}
 
     @property
     def device(self) -> torch.device:

@@ -241,3 +241,23 @@ def test_layers_command_flux_schnell_random_weights_on_meta() -> None:
     rows = {line.split()[0]: line.split()[1:] for line in r.output.splitlines()[1:]}
     assert [n for n in rows if n.startswith("block.")] == [f"block.{i}" for i in range(19 + 38)]
     assert rows["block.28"] == ["3072", "16"] and rows["embed"] == ["3072", "16"] and rows["final"] == ["16", "8"]
+
+
+def test_schnell_without_t5_and_the_prompt_cache(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """FLUX.1-schnell shape (no guidance embedding) without T5 files; prompt embeddings cached on
+    disk per (model, T5 zeros or not, prompt)."""
+    root = tiny_models.build_tiny_flux(tmp_path / "schnell", guidance=False, with_t5=False)
+    bb = difffeat.load_backbone(str(root), device="cpu", use_t5=False, prompt_cache=str(tmp_path / "cache"))
+    seen = {}
+    h = bb.denoiser.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        ex = difffeat.create(str(root), backbone=bb, layers=["block.4"], timesteps=[500], noise="fixed")
+        out = ex(_images(1), prompts="a bird")["block.4"]
+    finally:
+        h.remove()
+    assert "guidance" not in seen and out.shape == (1, 32, 4, 3)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    again = difffeat.load_backbone(str(root), device="cpu", use_t5=False, prompt_cache=str(tmp_path / "cache"))
+    again.parts._text_encoders = {}  # a cached prompt needs no text encoder
+    assert torch.equal(again._embed_prompt("a bird")["pooled"], bb._embed_prompt("a bird")["pooled"])
+    assert "adaln" not in ex.config and "denoiser_weights" not in ex.config  # plain configs keep their keys
