@@ -389,6 +389,7 @@ def load_backbone(
     use_t5: bool = True,
     prompt_cache: str | None = None,
     denoiser_weights: str | None = None,
+    time_shift: bool = False,
 ) -> DiffusionBackbone:
     """Load a diffusion backbone by preset name, local diffusers folder or hub id.
 
@@ -398,7 +399,9 @@ def load_backbone(
     stored as safetensors, one file per (model, prompt), and read back instead of running
     the text encoders (not used with ``random_weights``). ``denoiser_weights`` (``FILE`` or
     ``REPO:FILE``, safetensors) replaces the denoiser's weights with a diffusers-format state
-    dict, e.g. CleanDIFT's UNets (:mod:`difffeat.denoiser_weights`).
+    dict, e.g. CleanDIFT's UNets (:mod:`difffeat.denoiser_weights`). ``time_shift`` (FLUX) reads
+    a user's t as a position on the unshifted schedule and applies the pipeline's
+    resolution-dependent shift (:mod:`difffeat.families.flux`); default: σ = t / 1000.
     """
     from .registry import resolve
 
@@ -422,6 +425,10 @@ def load_backbone(
     bb = DiffusionBackbone(source, comps, index, dt, dev, random_weights, name=preset.name if preset else name_or_path,
                            use_t5=use_t5, prompt_cache=prompt_cache)
     bb.denoiser_weights = denoiser_weights
+    if time_shift:
+        if not bb.adapter.supports_time_shift:
+            raise BadInputError(f"time_shift applies to FLUX's resolution-dependent schedule; {bb.name} is {bb.family}")
+        bb.adapter.time_shift = True
     return bb
 
 

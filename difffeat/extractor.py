@@ -186,7 +186,7 @@ class FeatureExtractor(nn.Module):
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
             "adaln": self.adaln, "discard_channels": list(self.discard_channels),
-            "denoiser_weights": self.backbone.denoiser_weights,
+            "denoiser_weights": self.backbone.denoiser_weights, "time_shift": self.backbone.adapter.time_shift,
         }
 
     @property
@@ -205,7 +205,7 @@ class FeatureExtractor(nn.Module):
         """Settings recorded only when used, so configs (and checkpoints) of plain extractors keep
         the keys they always had."""
         opt = {"adaln": self.adaln or None, "discard_channels": list(self.discard_channels) or None,
-               "denoiser_weights": self.backbone.denoiser_weights}
+               "denoiser_weights": self.backbone.denoiser_weights, "time_shift": self.backbone.adapter.time_shift or None}
         return {k: v for k, v in opt.items() if v is not None}
 
     @property

@@ -48,6 +48,7 @@ def create(
     adaln: bool | None = None,
     discard_channels: Sequence[int] | None = None,
     denoiser_weights: str | None = None,
+    time_shift: bool | None = None,
 ) -> Extractor:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
@@ -66,6 +67,7 @@ def create(
     ``adaln`` / ``discard_channels``: DiTF's post-processing (FLUX, SD3; :mod:`difffeat.adaln`).
     ``denoiser_weights``: a diffusers-format state dict (``FILE`` or ``REPO:FILE``) replacing the
     denoiser's weights (CleanDIFT; :mod:`difffeat.denoiser_weights`); method presets may set it.
+    ``time_shift``: FLUX's resolution-dependent shift of t (see :func:`~difffeat.backbone.load_backbone`).
     """
     given = dict(layers=layers, timesteps=timesteps, ensemble=ensemble, noise=noise, latent=latent, prompt=prompt,
                  class_label=class_label, resolution=resolution, resize=resize, adaln=adaln,
@@ -93,7 +95,8 @@ def create(
                              dtype=dtype, device=device, random_weights=random_weights, weights=weights, **(model_kwargs or {}))
     swap = denoiser_weights or (preset.extract.get("denoiser_weights") if preset is not None else None)
     bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
-                                   use_t5=use_t5, prompt_cache=prompt_cache, denoiser_weights=swap)
+                                   use_t5=use_t5, prompt_cache=prompt_cache, denoiser_weights=swap,
+                                   time_shift=bool(time_shift))
     from .extractor import FeatureExtractor
 
     library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,

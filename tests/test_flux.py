@@ -88,22 +88,21 @@ def test_text_pooled_clip_and_t5_zeros(flux_dir) -> None:  # type: ignore[no-unt
 
 
 @pytest.mark.parametrize("shift", [False, True])
-def test_flow_noising_equals_scheduler_scale_noise(flux, shift: bool) -> None:  # type: ignore[no-untyped-def]
+def test_flow_noising_equals_scheduler_scale_noise(flux_dir, shift: bool) -> None:  # type: ignore[no-untyped-def]
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     x0, noise, hw = torch.randn(1, 16, 40, 40), torch.randn(1, 16, 40, 40), (40, 40)
-    flux.adapter.time_shift = shift
+    flux = difffeat.load_backbone(str(flux_dir), device="cpu", time_shift=shift)
+    got = flux.add_noise(x0, noise, torch.tensor([260]))
+    fed = {}
+    h = flux.denoiser.register_forward_pre_hook(lambda m, a, k: fed.update(k), with_kwargs=True)
     try:
-        got = flux.add_noise(x0, noise, torch.tensor([260]))
-        fed = {}
-        h = flux.denoiser.register_forward_pre_hook(lambda m, a, k: fed.update(k), with_kwargs=True)
-        try:
-            flux.predict(torch.zeros(1, 16, *hw), torch.tensor([260]), flux.dummy_conditioning(1, (320, 320)))
-        finally:
-            h.remove()
+        flux.predict(torch.zeros(1, 16, *hw), torch.tensor([260]), flux.dummy_conditioning(1, (320, 320)))
     finally:
-        flux.adapter.time_shift = False
+        h.remove()
+    ex = difffeat.create(str(flux_dir), backbone=flux, layers=["block.0"])
+    assert ex.metadata()["time_shift"] is shift and ("time_shift" in ex.config) is shift
     sched = FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler.config)
     mu = calculate_shift(20 * 20, 256, 4096, 0.5, 1.15) if shift else 0.0  # mu=0: no shift
     sched.set_timesteps(sigmas=np.array([0.26]), mu=mu)
@@ -188,6 +187,8 @@ def test_adaln_on_sd3_joint_blocks_and_refused_on_unets(tmp_path, tiny_sd_dir) -
     assert torch.allclose(ex(imgs)["block.1"].flatten(2).transpose(1, 2), ref, atol=1e-4)
     with pytest.raises(BadInputError, match="AdaLN-Zero"):
         difffeat.create(str(tiny_sd_dir), layers=["up.1"], adaln=True, device="cpu")
+    with pytest.raises(BadInputError, match="time_shift applies to FLUX"):
+        difffeat.load_backbone(str(tiny_sd_dir), device="cpu", time_shift=True)
 
 
 def test_ditf_preset_end_to_end_on_the_cli(flux_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -31,6 +31,8 @@ class Family:
     text: ClassVar[bool] = False  # conditioned on text prompts
     compile_targets: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
     adaln: ClassVar[bool] = False  # blocks carry diffusers' AdaLN-Zero norms (DiTF post-processing applies)
+    supports_time_shift: ClassVar[bool] = False  # flow_sigma can apply the pipeline's resolution shift
+    time_shift: bool = False  # set by load_backbone(time_shift=True)
 
     def __init__(self, parts: ModelParts) -> None:
         self.parts = parts

@@ -16,9 +16,11 @@ What differs from the other families, each following diffusers' ``FluxPipeline``
 * **Timestep.** The transformer is fed σ and multiplies by 1000 itself. With the default
   ``time_shift=False``, σ = t / 1000, the scheduler's own timestep↔σ relation
   (``timesteps = sigmas * num_train_timesteps``) and DiTF's ``t = timestep / 1000``. With
-  ``time_shift=True`` a user's t is a position u = t/1000 on the unshifted schedule and
-  σ = e^μ / (e^μ + 1/u - 1), μ = ``calculate_shift(image_seq_len)`` from the scheduler config:
-  the σ FluxPipeline's resolution-dependent shift visits at that position.
+  ``load_backbone(..., time_shift=True)`` (``difffeat.create(time_shift=True)``) a user's t is
+  a position u = t/1000 on the unshifted schedule, mapped as the scheduler maps it in
+  ``FluxPipeline``: with ``use_dynamic_shifting`` (dev) σ = e^μ / (e^μ + 1/u - 1),
+  μ = ``calculate_shift(image_seq_len)`` from the scheduler config; otherwise (schnell) the static
+  shift s: σ = s·u / (1 + (s-1)·u).
 * **Layers.** ``block.0`` .. ``block.18`` are the double-stream blocks
   (``transformer_blocks``), ``block.19`` .. ``block.56`` the single-stream blocks
   (``single_transformer_blocks[k - 19]``); features are the image stream only (diffusers'
@@ -72,7 +74,7 @@ class Flux(TextFamily):
     embed_dim_key = "joint_attention_dim"
     adaln = True
     compile_targets = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
-    time_shift: bool = False  # see the module docstring
+    supports_time_shift = True  # load_backbone(time_shift=True); see the module docstring
     guidance: float = GUIDANCE
 
     @classmethod
@@ -115,6 +117,9 @@ class Flux(TextFamily):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         cfg = self.parts.scheduler_config
+        if not cfg.get("use_dynamic_shifting", False):
+            s = float(cfg.get("shift", 1.0))
+            return s * u / (1 + (s - 1) * u)
         mu = calculate_shift((latent_hw[0] // 2) * (latent_hw[1] // 2), cfg.get("base_image_seq_len", 256),
                              cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         e = math.exp(mu)
