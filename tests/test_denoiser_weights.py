@@ -72,3 +72,5 @@ def test_cleandift_preset() -> None:
     e = p.extract
     assert (e["model"], e["layers"], e["noise"], e["ensemble"]) == ("sd15", ["up.1"], "clean", 1)
     assert e["denoiser_weights"] == "CompVis/cleandift:cleandift_sd15_unet.safetensors"
+    p21 = difffeat.registry.get_preset("cleandift-sd21").extract
+    assert (p21["model"], p21["denoiser_weights"], p21["noise"]) == ("sd21", "CompVis/cleandift:cleandift_sd21_unet.safetensors", "clean")
