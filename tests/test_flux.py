@@ -262,3 +262,22 @@ def test_schnell_without_t5_and_the_prompt_cache(tmp_path) -> None:  # type: ign
     again.parts._text_encoders = {}  # a cached prompt needs no text encoder
     assert torch.equal(again._embed_prompt("a bird")["pooled"], bb._embed_prompt("a bird")["pooled"])
     assert "adaln" not in ex.config and "denoiser_weights" not in ex.config  # plain configs keep their keys
+
+
+def test_flux_dinov3_fusion_spec_passes_ditf_options(flux_dir) -> None:  # type: ignore[no-untyped-def]
+    """flux-dinov3's shape: a fusion spec whose FLUX source carries adaln + discard_channels."""
+    from difffeat.fusion import FusedExtractor
+
+    spec = {"sources": [
+        {"model": str(flux_dir), "layers": ["block.3"], "timesteps": [260], "ensemble": 1, "noise": "fixed",
+         "resolution": 64, "resize": "pad", "adaln": True, "discard_channels": [3, 7], "pca": 4, "weight": 0.5},
+        {"model": "dinov3-s", "layers": ["block.1"], "resolution": 64, "resize": "pad", "pca": None, "weight": 0.5,
+         "model_kwargs": {"depth": 2}}],
+        "pca_mode": "co", "grid": 4}
+    fx = FusedExtractor.from_spec(spec, random_weights=True, device="cpu", dtype="fp32")
+    flux_src = fx.sources[0]
+    assert flux_src.adaln and flux_src.discard_channels == [3, 7]
+    out = fx(_images(2, 64, 64))["fused"]
+    assert out.shape == (2, 4 + 384, 4, 4)
+    torch.testing.assert_close(out[:, :4].norm(dim=1), torch.full((2, 4, 4), 0.5))
+    torch.testing.assert_close(out[:, 4:].norm(dim=1), torch.full((2, 4, 4), 0.5))
