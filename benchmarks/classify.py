@@ -12,6 +12,18 @@ batch size (the physical bound). Prints one JSON line.
 
 Target (issue #8): >= 420 evaluations/s on one H100 (>= 80 % of the compiled standalone UNet
 at batch 64, measured at about 517/s), i.e. <= 6.5 s per image.
+
+Beside the reference (issue #16), in the same process, on the same random weights, latents,
+prompts and noise: ``--reference DIR`` (a diffusion-classifier checkout, git-ignored, e.g.
+``.refs/diffusion-classifier``) also runs the reference's ``eval_prob_adaptive`` as
+published (fp16, batch 32, diffusers' default SDPA attention, no difffeat speed-ups: a
+fresh copy of the UNet), then difffeat with the paper schedule and difffeat-fast (the
+sequential schedule, ``--delta``), and reports s/image and evaluations/image for the three,
+the speed ratios and the decision agreement (paper schedule vs reference; fast vs paper).
+
+    python benchmarks/classify.py --skeleton ../shared/model-skeletons/sd21-base --compile \
+        --reference .refs/diffusion-classifier --images 8
+    python benchmarks/classify.py --device cpu --tiny --reference .refs/diffusion-classifier --images 2
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ import math
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -49,8 +62,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1, help="untimed images first (compilation)")
     ap.add_argument("--standalone-iters", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="torch.compile the whole denoiser (static batch shapes)")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default, max-autotune, ...)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune)")
+    ap.add_argument("--reference", default=None, help="diffusion-classifier checkout: also run its eval_prob_adaptive")
+    ap.add_argument("--delta", type=float, default=0.05, help="difffeat-fast racing error rate (with --reference)")
+    ap.add_argument("--check-every", type=int, default=8, help="difffeat-fast pairs per racing round")
+    ap.add_argument("--ref-batch", type=int, default=32, help="the reference's --batch_size (published default 32)")
     args = ap.parse_args(argv)
+    if args.reference:
+        import os
+
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the reference's inner progress bars
 
     import difffeat
     from difffeat.heads.diffusion_classifier import DiffusionClassifier, Schedule, compile_denoiser
@@ -58,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(1)  # tiny models on a shared CPU: threads spin (10-100x slower)
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         import tiny_models
@@ -73,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = (CIFAR10 + [f"class {i}" for i in range(10, args.classes)])[: args.classes]
     clf = DiffusionClassifier(bb, names, template="a blurry photo of a {}.", schedule=schedule,
                               max_batch=args.max_batch, static_batches=args.compile, image_size=(res, res))
+    side = beside_reference(args, bb, clf, names, res, dev) if args.reference else None
     if args.compile:
         compile_denoiser(bb, args.compile_mode)
 
@@ -113,8 +137,81 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "target_evals_per_s": 420,
     }
+    if side is not None:
+        result["beside_reference"] = side(args.images, args.warmup)
     print(json.dumps(result))
     return result
+
+
+def reference_unet(bb, dtype: torch.dtype) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+    """A fresh copy of the denoiser with the same weights, as the reference builds it (no fused
+    QKV, no channels-last, diffusers' default attention processors), in ``dtype``."""
+    fresh = type(bb.denoiser).from_config(bb.denoiser.config)
+    missing, _ = fresh.load_state_dict(bb.denoiser.state_dict(), strict=False)
+    if missing:
+        raise SystemExit(f"error: reference UNet copy misses weights: {missing[:3]}")
+    return fresh.to(bb.device, dtype).eval().requires_grad_(False)
+
+
+def beside_reference(args, bb, clf, names, res, dev):  # type: ignore[no-untyped-def]
+    """Set up reference / difffeat-paper / difffeat-fast before compiling; return the timed run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fidelity"))
+    from diffusion_classifier import load_reference, noise_in_grid_order, reference_args
+
+    from difffeat.heads.diffusion_classifier import DiffusionClassifier
+
+    eval_prob_adaptive = load_reference(args.reference)
+    sch = clf.schedule
+    ref_dtype = "float16" if dev.type == "cuda" else "float32"
+    unet = reference_unet(bb, torch.float16 if ref_dtype == "float16" else torch.float32)
+    embeds = clf.cond.kwargs["encoder_hidden_states"].to(unet.dtype)
+    ref_args = reference_args(sch.n_samples, sch.to_keep, sch.loss, args.ref_batch, ref_dtype)
+    fast = DiffusionClassifier(bb, names, template="a blurry photo of a {}.", schedule=sch, max_batch=args.max_batch,
+                               static_batches=args.compile, image_size=(res, res), delta=args.delta,
+                               check_every=args.check_every)
+    g = torch.Generator().manual_seed(2)
+    n_img = args.warmup + args.images
+    images = torch.rand(n_img, 3, res, res, generator=g)
+    with torch.no_grad():
+        latents = torch.cat([bb.encode(images[i: i + 1])[0] for i in range(n_img)]).float()
+    h = latents.shape[-1]
+    noises = [torch.randn((len(clf.grid) * sch.trials, bb.in_channels, h, h), generator=g).to(dev) for _ in range(n_img)]
+
+    def reference(i: int) -> int:
+        sched = types.SimpleNamespace(alphas_cumprod=bb.alphas_cumprod.detach().float().cpu().clone())
+        pred, _ = eval_prob_adaptive(unet, latents[i: i + 1].to(dev, unet.dtype), embeds, sched, ref_args, h,
+                                     noises[i].clone())
+        return int(pred)
+
+    def ours(c, i: int):  # type: ignore[no-untyped-def]
+        return c.classify_latent(latents[i], f"bench{i}", noise=noise_in_grid_order(noises[i], sch, len(c.grid)))
+
+    def timed(fn, n0: int, n1: int):  # type: ignore[no-untyped-def]
+        sync(dev)
+        t0 = time.perf_counter()
+        out = [fn(i) for i in range(n0, n1)]
+        sync(dev)
+        return out, (time.perf_counter() - t0) / max(1, n1 - n0)
+
+    def run(n: int, warm: int) -> dict:
+        for i in range(warm):  # compilation / CUDA graphs for every shape both schedules use
+            ours(clf, i), ours(fast, i)
+        ref, s_ref = timed(reference, warm, warm + n)
+        paper, s_paper = timed(lambda i: ours(clf, i), warm, warm + n)
+        quick, s_fast = timed(lambda i: ours(fast, i), warm, warm + n)
+        ref_evals = sch.unet_evals(len(names), bb.num_train_timesteps)
+        return {
+            "reference": {"s_per_image": s_ref, "evals_per_image": ref_evals, "dtype": ref_dtype, "batch": args.ref_batch},
+            "difffeat_paper": {"s_per_image": s_paper, "evals_per_image": sum(p.unet_evals for p in paper) / n},
+            "difffeat_fast": {"s_per_image": s_fast, "evals_per_image": sum(p.unet_evals for p in quick) / n,
+                              "delta": args.delta, "check_every": args.check_every},
+            "speedup_paper_vs_reference": s_ref / s_paper, "speedup_fast_vs_reference": s_ref / s_fast,
+            "decision_agreement_paper_vs_reference": sum(names[r] == p.top1 for r, p in zip(ref, paper)) / n,
+            "decision_agreement_fast_vs_paper": sum(q.top1 == p.top1 for q, p in zip(quick, paper)) / n,
+            "target_speedup_fast": 5.0,
+        }
+
+    return run
 
 
 if __name__ == "__main__":

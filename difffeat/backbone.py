@@ -48,12 +48,10 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return dev
+    """The device to load on: :func:`difffeat.distributed.resolve_device` (rank-aware)."""
+    from .distributed import resolve_device
+
+    return resolve_device(device)
 
 
 class DiffusionBackbone(nn.Module):

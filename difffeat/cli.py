@@ -32,12 +32,29 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; finished outputs are kept, rerun to resume", err=True)
             ctx.exit(130)
+        except RuntimeError as e:  # out of GPU memory outside a folder run's batches (which retry)
+            import torch
+
+            if not isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            click.echo("error: out of GPU memory: lower -b/--batch-size, --max-batch or --resolution, "
+                       "or use --dtype bf16", err=True)
+            ctx.exit(3)
+        except OSError as e:  # a disk that fills up or turns read-only during a run
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}; finished outputs are kept, rerun to resume", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="difffeat")
-def cli() -> None:
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, envvar="DIFFFEAT_MAX_PIXELS",
+              help="Refuse images whose header claims more pixels (default: PIL's bomb limit, ~179M).")
+def cli(max_pixels: int | None) -> None:
     """Discriminative perception with diffusion features."""
+    from .io import set_max_pixels
+
+    set_max_pixels(max_pixels)
 
 
 @cli.group("train", cls=_Group)
@@ -68,7 +85,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--noise", type=click.Choice(["random", "fixed", "clean"]), default=None),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--resolution", type=int, default=None, help="Input size (default: the model's)."),
-        click.option("--resize", type=click.Choice(["resize", "pad", "snap"]), default=None),
+        click.option("--resize", type=click.Choice(["resize", "pad", "crop", "snap"]), default=None),
         click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: bf16 on CUDA, fp32 on CPU."),
         click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)."),
         click.option("--max-batch", type=int, default=16, show_default=True, help="Denoiser rows per call."),
@@ -118,13 +135,13 @@ def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps
                            prompt: str | None, noise: str | None, seed: int, resolution: int | None, resize: str | None,
                            dtype: str | None, device: str | None, max_batch: int, compile_: bool,
                            weights: str | None = None, **rest: Any) -> Any:
-    """Build the extractor the shared options describe (on this rank's GPU under torchrun)."""
-    from .distributed import rank_device
+    """Build the extractor the shared options describe (on this rank's GPU under torchrun:
+    every loader resolves devices through :func:`difffeat.distributed.resolve_device`)."""
     from .factory import create
 
     model = model_with_weights(model, weights)
     return create(model, layers=list(layers) or None, timesteps=list(timesteps) or None, ensemble=ensemble, prompt=prompt,
-                  noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=rank_device(device),
+                  noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=device,
                   max_batch=max_batch, compile=compile_, **postprocess_options(**rest))
 
 

@@ -101,6 +101,26 @@ def rank_device(device: str | None, info: DistInfo | None = None) -> str | None:
     return f"cuda:{info.local_rank}"
 
 
+def resolve_device(device: str | torch.device | None = None, info: DistInfo | None = None) -> torch.device:
+    """The one place a device is chosen; every model loader goes through it.
+
+    ``None`` means CUDA if available, else CPU. Under a launcher (``WORLD_SIZE`` > 1) a bare
+    ``cuda`` (or ``None``) becomes ``cuda:LOCAL_RANK`` (:func:`rank_device`), so every path
+    (extraction, heads, detectors, probes) puts each rank on its own GPU by construction.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(rank_device(device, info))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        raise BadInputError(f"unknown device {device!r} ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
 def shard_items(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Rank ``rank``'s items of ``items`` under strided assignment: ``items[rank::world_size]``.
 
@@ -111,6 +131,19 @@ def shard_items(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(items[rank::world_size])
 
 
+def rank_units(items: Sequence[T], unit: int, info: DistInfo | None = None, blocks: bool = False) -> list[Sequence[T]]:
+    """This rank's units of ``items``: consecutive slices of ``unit`` items, unit ``j`` to rank
+    ``j % world_size`` (see the module docstring). ``blocks`` instead cuts the list into one
+    contiguous block per rank (neighbouring pairs of ``correspond --pairs`` share images)."""
+    info = info or dist_info()
+    if unit < 1:
+        raise BadInputError(f"batch size must be >= 1, got {unit}")
+    if blocks:
+        unit = max(1, -(-len(items) // info.world_size))
+    units = [items[i : i + unit] for i in range(0, len(items), unit)]
+    return shard_items(units, info.rank, info.world_size)
+
+
 def rank_share(items: Sequence[T], batch_size: int, info: DistInfo | None = None) -> list[T]:
     """This rank's items when ``items`` (in a deterministic order, e.g. sorted) is processed in batches.
 
@@ -119,21 +152,21 @@ def rank_share(items: Sequence[T], batch_size: int, info: DistInfo | None = None
     so chunking it by ``batch_size`` again yields exactly the global batches: only the very
     last global batch can be short, and it is the last one of whichever rank owns it.
     """
-    info = info or dist_info()
-    if batch_size < 1:
-        raise BadInputError(f"batch size must be >= 1, got {batch_size}")
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    return [item for batch in shard_items(batches, info.rank, info.world_size) for item in batch]
+    return [item for batch in rank_units(items, batch_size, info) for item in batch]
 
 
-def progress_bar(total: int, desc: str, info: DistInfo | None = None, **kwargs: Any) -> Any:
-    """A tqdm bar shown on rank 0 only (and hidden when ``DIFFFEAT_NO_PROGRESS=1``)."""
+def progress_bar(total: int, desc: str, info: DistInfo | None = None, unit: str = "img", enabled: bool = True,
+                 **kwargs: Any) -> Any:
+    """A tqdm bar shown on rank 0 only (and hidden when ``DIFFFEAT_NO_PROGRESS=1`` or not ``enabled``).
+
+    The one place difffeat decides whether a progress bar is shown.
+    """
     from tqdm import tqdm
 
     info = info or dist_info()
-    hidden = not info.is_main or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or total == 0
+    hidden = not enabled or not info.is_main or os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or total == 0
     label = desc if info.world_size == 1 else f"{desc} (rank 0 of {info.world_size})"
-    return tqdm(total=total, desc=label, unit="img", disable=hidden, **kwargs)
+    return tqdm(total=total, desc=label, unit=unit, disable=hidden, **kwargs)
 
 
 def prepare_ddp(

@@ -11,11 +11,12 @@ batches, read the requested layers with forward hooks and average over the ensem
 
 Deviations from the reference implementations, and why they are safe:
 
-* **VAE once** (DIFT runs the VAE ``ensemble`` times): with ``latent="mean"`` this is
-  *exact* up to floating-point noise (DIFT uses the posterior mean too); with
-  ``latent="sample"`` each member draws from N(mean, std) of the same posterior,
-  which is the same distribution DIFT samples, so the ensemble is *statistically
-  equivalent*.
+* **VAE once** (DIFT encodes the image repeated ``ensemble`` times and *samples* the
+  posterior for every member, ``latent_dist.sample()`` in its ``src/models/dift_sd.py``):
+  with ``latent="sample"`` (the ``dift`` preset) each member draws from N(mean, std) of
+  the one posterior, the distribution DIFT samples, so the ensemble is *statistically
+  equivalent*; ``latent="mean"`` (the API default) feeds the posterior mean to every
+  member, a deviation from DIFT (small with SD's VAE, whose posterior std is tiny).
 * **Early exit** after the deepest requested layer: the hook of that layer raises a
   private exception, so nothing after it runs. Layers before it are computed by the
   unchanged diffusers forward, so the features are *exactly* equal (tested).
@@ -26,6 +27,7 @@ Deviations from the reference implementations, and why they are safe:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -37,11 +39,12 @@ from .attention import AttentionCapture, parse_attention_name
 from .backbone import DiffusionBackbone, allow_recompiles
 from .conditioning import Conditioning
 from .errors import BadInputError, OutOfMemoryError, one_of
+from .freeu import FreeU
 from .geometry import Geometry
 from .io import image_key
-from .protocol import dtype_name, portable_name
 from .adaln import discard, modulate
 from .layers import as_map, block_level
+from .protocol import dtype_name, portable_name
 from .noise import draw
 
 MOD = "#mod"  # captured (shift, scale) of an adaln layer, averaged over the ensemble like its features
@@ -61,7 +64,7 @@ class FeatureExtractor(nn.Module):
         ensemble: noise draws averaged per (image, timestep).
         noise: ``random`` (per image, batch-independent), ``fixed`` (shared) or ``clean``.
         seed: global seed for the noise.
-        latent: ``mean`` (posterior mean, DIFT) or ``sample`` (a posterior draw per member).
+        latent: ``mean`` (posterior mean) or ``sample`` (a posterior draw per member, as DIFT).
         prompt: default prompt (``""`` = the empty prompt, as DIFT without a category).
         class_label: default class for class-conditional models (None = null class).
         resolution / resize: how PIL inputs are prepared (see :func:`difffeat.io.prepare_image`).
@@ -69,6 +72,8 @@ class FeatureExtractor(nn.Module):
         compile: ``torch.compile`` the heavy sub-modules that carry no hook.
         early_exit: stop the forward after the deepest requested layer (exact).
         attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
+        freeu: ``None``, a :data:`difffeat.freeu.PRESETS` name (``geoaware``) or
+            :class:`~difffeat.freeu.FreeUSettings`: FreeU in the decoder (GeoAware-SC's features).
         adaln: DiTF's AdaLN-modulated features: ``block.k`` becomes block k's own AdaLN output on
             its input, after the ensemble mean (FLUX, SD3; see :mod:`difffeat.adaln`).
         discard_channels: DiTF's massive-activation channel discard (zeroed after the ensemble
@@ -92,6 +97,7 @@ class FeatureExtractor(nn.Module):
         compile: bool = False,
         early_exit: bool = True,
         attention_heads: str = "mean",
+        freeu: Any = None,
         adaln: bool = False,
         discard_channels: Sequence[int] = (),
     ) -> None:
@@ -107,6 +113,10 @@ class FeatureExtractor(nn.Module):
         self.prompt, self.class_label = prompt, class_label
         self.resolution, self.resize, self.max_batch = resolution, resize, max(1, int(max_batch))
         self.early_exit, self.attention_heads, self.compiled = early_exit, attention_heads, bool(compile)
+        self.freeu = FreeU(backbone.denoiser, freeu) if freeu else None
+        self._freeu_name = freeu if isinstance(freeu, str) else (None if freeu is None else repr(freeu))
+        # as create(freeu=...) takes it back: a preset name or the four factors
+        self._freeu_spec = freeu if isinstance(freeu, str) or self.freeu is None else dataclasses.asdict(self.freeu.settings)
         self._modules_by_name = backbone.layer_modules()
         self._anchor: dict[str, str] = {}  # output name -> the layer whose end completes it
         for name in self.layers:
@@ -185,6 +195,7 @@ class FeatureExtractor(nn.Module):
             "timesteps": self.timesteps, "ensemble": self.ensemble, "noise": self.noise, "seed": self.seed,
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
+            **({"freeu": self._freeu_name} if self.freeu else {}),
             "adaln": self.adaln, "discard_channels": list(self.discard_channels),
             "denoiser_weights": self.backbone.denoiser_weights, "time_shift": self.backbone.adapter.time_shift,
         }
@@ -199,7 +210,8 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir, **self._optional_config()}
+                "prompt_cache": bb.prompt_cache_dir, "freeu": self._freeu_spec,
+                **self._optional_config()}
 
     def _optional_config(self) -> dict[str, Any]:
         """Settings recorded only when used, so configs (and checkpoints) of plain extractors keep
@@ -359,8 +371,9 @@ class FeatureExtractor(nn.Module):
         else:
             handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
         attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
+        freeu = self.freeu.active() if self.freeu else contextlib.nullcontext()
         try:
-            with attention as sinks:
+            with attention as sinks, freeu:
                 try:
                     self.backbone.predict(x_t, t, cond)
                 except _StopForward:
@@ -369,7 +382,7 @@ class FeatureExtractor(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return captured
+        return self.freeu.scale_stored(captured) if self.freeu else captured
 
     def _adaln_hook(self, name: str, captured: dict[str, torch.Tensor], hw: tuple[int, int], last: str | None):  # type: ignore[no-untyped-def]
         """Pre-hook of block ``name``: its input (as a map) and its (shift, scale); the deepest one
@@ -394,6 +407,7 @@ class FeatureExtractor(nn.Module):
         """
         allow_recompiles()  # one graph per block shape (the default 8 leaves most resnets eager)
         hooked = {id(self._modules_by_name[n]) for n in self._anchor.values()}
+        hooked |= {id(r) for r, *_ in self.freeu.plan} if self.freeu else set()  # per-call FreeU pre-hooks
         captured = self._attention.contains() if self._attention else set()
         for m in self.backbone.denoiser.modules():
             if type(m).__name__ in self.backbone.adapter.compile_targets and id(m) not in hooked:

@@ -4,7 +4,11 @@ Recipe (the paper's released zero-shot protocol):
 
 1. per SD layer, reduce channels with PCA to ``k`` dims — fitted jointly on the images of
    one call (*co-PCA*, the paper's default for a pair) or a :class:`PCA` fitted on a set;
-2. resample every map to one grid (SD-DINO: the DINOv2 patch grid, 60x60 at 840 px);
+2. resample every map to one grid (SD-DINO: the DINOv2 patch grid, 60x60 at 840 px); with
+   ``resample="pyramid"`` (SD-DINO's ``co_pca`` in ``utils/utils_correspondence.py``) each
+   coarser layer is upsampled to the next finer layer's size and concatenated to it, then on
+   (s5 15→30, [s4, s5] 30→60); ``"direct"`` (GeoAware-SC's ``pck_train.py``) resamples each
+   layer to the grid in one step;
 3. concatenate the SD layers and L2-normalise that descriptor; L2-normalise DINOv2's;
 4. weight the two sources (α = 0.5 each) and concatenate.
 
@@ -73,22 +77,38 @@ def co_pca(maps: torch.Tensor, k: int) -> torch.Tensor:
     return PCA.fit(maps, k)(maps)
 
 
+RESAMPLE_MODES = ("direct", "pyramid")
+
+
+def pyramid_resample(maps: Sequence[torch.Tensor], grid: int | tuple[int, int]) -> torch.Tensor:
+    """Coarse-to-fine: upsample the running stack to the next finer map's size, put that map
+    in front, repeat; finally resample to ``grid`` (SD-DINO's s5 15→30→60 path)."""
+    order = sorted(maps, key=lambda m: m.shape[-1] * m.shape[-2])
+    stack = order[0]
+    for finer in order[1:]:
+        stack = torch.cat([finer, resample(stack, tuple(finer.shape[-2:]))], dim=1)
+    return resample(stack, grid)
+
+
 def fuse(
     groups: Sequence[Sequence[torch.Tensor]],
     weights: Sequence[float],
     grid: int | tuple[int, int],
     pca_dims: Sequence[int | None] | None = None,
     pcas: Sequence[PCA | None] | None = None,
+    resample_mode: str = "direct",
 ) -> torch.Tensor:
     """Fuse several sources into one descriptor map [B, D, *grid].
 
     ``groups[s]`` is the list of layer maps of source ``s``; each layer is reduced
     (``pcas[i]`` if given, else co-PCA to ``pca_dims[s]`` if set), resampled to ``grid``,
     the layers of a source are concatenated and L2-normalised, then the sources are
-    weighted and concatenated.
+    weighted and concatenated. ``resample_mode``: see step 2 of the module docstring.
     """
     if len(groups) != len(weights):
         raise BadInputError(f"{len(groups)} sources but {len(weights)} weights")
+    if resample_mode not in RESAMPLE_MODES:
+        raise BadInputError(f"unknown fusion resample mode {resample_mode!r}; valid: {', '.join(RESAMPLE_MODES)}")
     parts, li = [], 0
     for s, layers in enumerate(groups):
         k = None if pca_dims is None else pca_dims[s]
@@ -96,9 +116,12 @@ def fuse(
         for f in layers:
             p = None if pcas is None else pcas[li]
             li += 1
-            f = p(f) if p is not None else (co_pca(f, k) if k else f.float())
-            reduced.append(resample(f, grid))
-        parts.append(weights[s] * l2_normalize(torch.cat(reduced, dim=1)))
+            reduced.append(p(f) if p is not None else (co_pca(f, k) if k else f.float()))
+        if resample_mode == "pyramid":
+            joined = pyramid_resample(reduced, grid)
+        else:
+            joined = torch.cat([resample(f, grid) for f in reduced], dim=1)
+        parts.append(weights[s] * l2_normalize(joined))
     return torch.cat(parts, dim=1)
 
 
@@ -115,19 +138,19 @@ class FusedExtractor(nn.Module):
     """
 
     def __init__(self, sources: list[Any], weights: Sequence[float], pca_dims: Sequence[int | None],
-                 grid: int, pca_mode: str = "co", name: str = "fused") -> None:
+                 grid: int, pca_mode: str = "co", name: str = "fused", resample_mode: str = "direct") -> None:
         super().__init__()
         self.sources = nn.ModuleList(sources)
         self.weights, self.pca_dims, self.grid = list(weights), list(pca_dims), int(grid)
         if pca_mode not in ("co", "fitted", "none"):
             raise BadInputError(f"unknown pca_mode {pca_mode!r}; valid: co, fitted, none")
-        self.pca_mode, self.name = pca_mode, name
+        self.pca_mode, self.name, self.resample_mode = pca_mode, name, resample_mode
         self.pcas: list[PCA | None] | None = None
         self._geometry = common([s.geometry for s in sources])
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], name: str = "fused", **common_kw: Any) -> "FusedExtractor":
-        """Build from a fusion spec as the YAML presets write it (``sources``, ``grid``, ``pca_mode``);
+        """Build from a fusion spec as the YAML presets write it (``sources``, ``grid``, ``pca_mode``, ``resample``);
         ``common_kw`` (dtype, device, random_weights, max_batch, compile) go to every source that takes them."""
         from .factory import create
 
@@ -137,7 +160,8 @@ class FusedExtractor(nn.Module):
             weights.append(float(s.pop("weight", 1.0)))
             dims.append(s.pop("pca", None))
             srcs.append(create(s.pop("model"), **{**common_kw, **s}))
-        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=name)
+        return cls(srcs, weights, dims, int(spec["grid"]), spec.get("pca_mode", "co"), name=name,
+                   resample_mode=spec.get("resample", "direct"))
 
     @classmethod
     def from_preset(cls, preset: Any, **common_kw: Any) -> "FusedExtractor":
@@ -163,7 +187,8 @@ class FusedExtractor(nn.Module):
         for src, w, k in zip(self.sources, self.weights, self.pca_dims):
             c = dict(src.config)
             sources.append({"model": c.pop("name"), **c, "pca": k, "weight": w})
-        return {"name": self.name, "fusion": {"sources": sources, "grid": self.grid, "pca_mode": self.pca_mode}}
+        return {"name": self.name, "fusion": {"sources": sources, "grid": self.grid, "pca_mode": self.pca_mode,
+                                              "resample": self.resample_mode}}
 
     @property
     def per_image(self) -> bool:
@@ -183,7 +208,7 @@ class FusedExtractor(nn.Module):
 
     def metadata(self) -> dict[str, Any]:
         return {"model": self.name, "sources": [s.metadata() for s in self.sources], "weights": self.weights,
-                "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid}
+                "pca_dims": self.pca_dims, "pca_mode": self.pca_mode, "grid": self.grid, "resample": self.resample_mode}
 
     def source_maps(self, images: Any, **kw: Any) -> list[list[torch.Tensor]]:
         """Every source's layer maps of ``images`` (PIL list or tensor), each source with its geometry."""
@@ -202,7 +227,7 @@ class FusedExtractor(nn.Module):
             raise BadInputError("pca_mode 'fitted' needs fit_pca(images) first")
         dims = None if self.pca_mode == "none" else self.pca_dims
         pcas = self.pcas if self.pca_mode == "fitted" else None
-        return fuse(groups, self.weights, self.grid, dims, pcas)
+        return fuse(groups, self.weights, self.grid, dims, pcas, self.resample_mode)
 
     @torch.no_grad()
     def fit_pca(self, images: Any, **kw: Any) -> None:

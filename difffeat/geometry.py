@@ -16,8 +16,6 @@ from PIL import Image
 from .errors import BadInputError
 from .io import Prepared, prepare_image, snap
 
-# policies whose prepared image is the whole picture (stretched or snapped), vs the letterbox
-COVERING = ("resize", "snap", "none")
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,11 @@ class Geometry:
         """Whether prepared images are the picture centred on a padded square (``pad``)."""
         return self.policy == "pad"
 
+    @property
+    def placement(self) -> str:
+        """Where the picture lands: ``pad`` (letterboxed), ``crop`` (its centre square) or ``cover`` (all of it)."""
+        return self.policy if self.policy in ("pad", "crop") else "cover"
+
     def prepare_one(self, image: Image.Image) -> Prepared:
         return prepare_image(image, self.resolution, self.policy, self.multiple)  # type: ignore[arg-type]
 
@@ -50,7 +53,8 @@ class Geometry:
         return torch.stack(preps)
 
     def prepare_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """The same policy on a [B,3,H,W] batch in [0,1] (bicubic, antialiased like PIL)."""
+        """The same policy and placement on a [B,3,H,W] batch in [0,1] (bicubic with antialias; the
+        PIL path's ``pad`` resamples with LANCZOS, so pixels differ by resampling noise only)."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         r, policy = self.resolution, self.policy
         if policy == "resize":
@@ -63,6 +67,11 @@ class Geometry:
             oy, ox = (s - nh) // 2, (s - nw) // 2
             out[..., oy : oy + nh, ox : ox + nw] = _resample(x, (nh, nw))
             return out
+        if policy == "crop":  # io.prepare_image's crop: centre square, bilinear without antialias
+            c = min(h, w)
+            y0, x0 = (h - c) // 2, (w - c) // 2
+            sq = x[..., y0 : y0 + c, x0 : x0 + c].float()
+            return sq if c == r else F.interpolate(sq, size=(r, r), mode="bilinear", align_corners=False)  # type: ignore[arg-type]
         if policy == "snap":
             scale = 1.0 if r is None else r / max(h, w)
             return _resample(x, (snap(round(h * scale), self.multiple), snap(round(w * scale), self.multiple)))
@@ -80,17 +89,18 @@ def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def common(geometries: Sequence[Geometry]) -> Geometry:
     """One geometry for several sources that place the picture the same way.
 
-    All must letterbox (``pad``) or all cover the picture (``resize``/``snap``/``none``):
+    All must letterbox (``pad``), all take the centre square (``crop``) or all cover the picture
+    (``resize``/``snap``/``none``):
     mixing them would put one location at different cells of the two maps. The common
     geometry prepares at the largest resolution; each source then applies its own geometry
     to that tensor (:meth:`Geometry.prepare_tensor`), which keeps the placement.
     """
-    kinds = {g.letterbox for g in geometries}
+    kinds = {g.placement for g in geometries}
     if len(kinds) > 1:
-        raise BadInputError("fused sources must place the image alike: all resize 'pad', or none of them "
-                             f"(got {', '.join(g.policy for g in geometries)})")
+        raise BadInputError("fused sources must place the image alike: all resize 'pad', all 'crop', or none of "
+                            f"them (got {', '.join(g.policy for g in geometries)})")
     res = [g.resolution for g in geometries if g.resolution]
     # each source re-prepares the fused input with its own multiple: the fused one need not snap
-    if kinds == {True}:
-        return Geometry(max(res), "pad", 1)
+    if kinds != {"cover"}:
+        return Geometry(max(res), kinds.pop(), 1)
     return Geometry(max(res) if res else None, "snap", 1)  # keep the aspect; "resize" sources stretch it

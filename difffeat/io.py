@@ -13,7 +13,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -25,18 +29,28 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import BadInputError, DiffFeatError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-ResizePolicy = Literal["resize", "pad", "snap", "none"]
+ResizePolicy = Literal["resize", "pad", "crop", "snap", "none"]
 
 
 # --------------------------------------------------------------------------- reading
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """All images under ``root`` (recursive), sorted by relative path. A single file is allowed."""
+    """All images under ``root`` (recursive), sorted by relative path. A single file is allowed.
+
+    Every entry named like an image is listed, including directories, dangling links, FIFOs
+    and device files: :func:`load_image` then refuses each in one line (never opening a
+    FIFO), so a folder run reports them instead of silently dropping them. A directory named
+    like an image is also searched like any other; symbolic links to directories are not
+    followed (no loops).
+    """
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
+        if root.is_symlink() or root.exists():
+            return [root]  # a dangling link, FIFO or device given directly: load_image says which
         raise BadInputError(f"no such image file or folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS),
+                   key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise BadInputError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
     return files
@@ -48,7 +62,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     16-bit grayscale ("I;16", "I") is rescaled from its full range, transparency is
     composited on white, CMYK/YCbCr/LAB go through PIL's converters.
     """
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(0x0112, 1) != 1:  # no full-size copy when there is nothing to rotate
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -65,20 +80,124 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read one image as RGB; raise :class:`BadInputError` with one line if unreadable."""
-    path = Path(path)
+#: PIL's own bomb limit: it raises DecompressionBombError above twice ``Image.MAX_IMAGE_PIXELS``.
+DEFAULT_MAX_PIXELS = 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_max_pixels: list[int | None] = [None]  # set by --max-pixels; else DIFFFEAT_MAX_PIXELS, else the default
+REDUCE_GAP = 4  # huge images are reduced by an integer factor to >= REDUCE_GAP x the working size
+
+
+def set_max_pixels(n: int | None) -> None:
+    """Set the pixel limit of :func:`load_image` (``--max-pixels``; None restores PIL's bomb limit)."""
+    if n is not None and n < 1:
+        raise BadInputError(f"--max-pixels must be >= 1, got {n}")
+    _max_pixels[0] = None if n is None else int(n)
+
+
+def pixel_limit() -> int:
+    """The pixel limit in force: ``--max-pixels``, else ``DIFFFEAT_MAX_PIXELS``, else PIL's bomb limit."""
+    if _max_pixels[0] is not None:
+        return _max_pixels[0]
+    env = os.environ.get("DIFFFEAT_MAX_PIXELS", "").strip()
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    if not env.isdigit() or int(env) < 1:
+        raise BadInputError(f"DIFFFEAT_MAX_PIXELS={env!r} is not a positive integer")
+    return int(env)
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise one line unless ``path`` is a regular file (after links); never opens it."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
+        st = path.stat()
     except FileNotFoundError:
-        raise BadInputError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        what = "a dangling symbolic link" if path.is_symlink() else "missing"
+        raise BadInputError(f"image not found: {path} ({what})") from None
+    except OSError as e:
         raise BadInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device file" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise BadInputError(f"skipped {path}: {kind}, not an image file")
+
+
+def load_image(path: str | os.PathLike, max_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Read one image as 8-bit RGB; any failure is one :class:`BadInputError` line.
+
+    The guarded loader every command uses. The header's pixel count is checked against
+    ``max_pixels`` (default: PIL's DecompressionBombError limit, ``--max-pixels`` to raise
+    it) *before* anything is decoded. With ``max_side`` (4 x the working resolution is what
+    the folder runs pass), an image whose longer side exceeds it is decoded reduced by an
+    integer factor: JPEG in the DCT (``Image.draft``), other formats with ``Image.reduce``
+    before any mode conversion, so no second full-size copy is made. Pillow documents such a
+    reduction to >= 3x the final size as indistinguishable from a direct resize. The size
+    before reduction (after EXIF orientation) is :func:`original_size` of the result.
+    """
+    path = Path(path)
+    check_regular_file(path)
+    limit = max_pixels or pixel_limit()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
+            with open(path, "rb") as fh:
+                with _pil_limit(limit):
+                    im = Image.open(fh)  # reads the header only
+                w, h = im.size
+                if w * h > limit:
+                    raise BadInputError(f"{path} claims {w}x{h} = {w * h} pixels, over the limit of {limit} "
+                                        f"(a decompression bomb or a huge scan: raise it with --max-pixels)")
+                return _decode(im, (w, h), max_side)
+    except DiffFeatError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadInputError(f"{path}: {e} (raise the limit with --max-pixels)") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises is a per-file error
+        msg = "cannot identify image file" if isinstance(e, UnidentifiedImageError) else (str(e).splitlines() or [""])[0]
+        raise BadInputError(f"cannot read image {path}: {type(e).__name__}: {msg}") from None
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit(limit: int) -> Iterator[None]:
+    """Let our header check (not PIL's) decide while a file is opened (header only, fast).
+
+    PIL's own check is disabled for this moment only, under a lock so that concurrent
+    loaders (the explore server) serialise their opens; decoding happens after it is back.
+    """
+    with _PIL_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def _decode(im: Image.Image, size: tuple[int, int], max_side: int | None) -> Image.Image:
+    """Decode ``im`` (reduced when its longer side is over ``max_side``) and convert to RGB."""
+    factor = max(1, max(size) // max_side) if max_side else 1
+    if factor > 1 and im.format == "JPEG":
+        im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, (-(-size[0] // factor), -(-size[1] // factor)))
+        factor = max(1, max(im.size) // max_side)  # what the DCT scaling left to do
+    im.load()
+    if factor > 1:
+        try:
+            im = im.reduce(factor)
+        except ValueError:  # modes reduce() does not take (e.g. 16-bit): convert first
+            im = to_rgb(im).reduce(factor)
+    orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+    out = to_rgb(im)
+    out.info["original_size"] = (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+    return out
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """(W, H) of the file an image was loaded from (before any reduction of :func:`load_image`)."""
+    return tuple(img.info.get("original_size", img.size))  # type: ignore[return-value]
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -120,8 +239,12 @@ def prepare_image(
     Policies:
       * ``resize``: bicubic resize to ``size`` (an int gives a square), ignoring aspect ratio
         (the DIFT protocol).
-      * ``pad``: resize the longer side to ``size`` keeping aspect, centre it on a square
-        canvas of ``pad_value`` (the SD-DINO protocol).
+      * ``pad``: LANCZOS-resize the longer side to ``size`` keeping aspect, centre it on a
+        square canvas of ``pad_value`` (the SD-DINO / GeoAware-SC protocol, their
+        ``utils_correspondence.resize``).
+      * ``crop``: centre-crop the largest square, then resize it bilinearly (no antialias,
+        half-pixel centres, unquantised) to ``size`` (DiffSeg's ``process_image``:
+        ``tf.image.resize`` of the crop); :func:`centre_square` gives the crop's box.
       * ``snap``: keep the aspect ratio; scale so the longer side is ``size`` (or keep the
         native size if ``size`` is None) and snap both sides to ``multiple``.
       * ``none``: no change except snapping to ``multiple`` (errors if not a multiple).
@@ -141,8 +264,10 @@ def prepare_image(
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         canvas = Image.new("RGB", (s, s), (pad_value,) * 3)
         ox, oy = (s - nw) // 2, (s - nh) // 2
-        canvas.paste(img.resize((nw, nh), Image.BICUBIC), (ox, oy))
+        canvas.paste(img.resize((nw, nh), Image.LANCZOS), (ox, oy))
         return Prepared(pil_to_tensor(canvas), (w, h), (ox, oy, ox + nw, oy + nh))
+    if policy == "crop":
+        return _centre_crop_bilinear(img, size)
     if policy == "snap":
         scale = 1.0 if size is None else (size if isinstance(size, int) else max(size)) / max(w, h)
         nw, nh = snap(round(w * scale), multiple), snap(round(h * scale), multiple)
@@ -152,7 +277,26 @@ def prepare_image(
         if w % multiple or h % multiple:
             raise BadInputError(f"image size {w}x{h} is not a multiple of {multiple}; use --resize snap")
         return Prepared(pil_to_tensor(img), (w, h), (0, 0, w, h))
-    raise BadInputError(f"unknown resize policy {policy!r}; valid: resize, pad, snap, none")
+    raise BadInputError(f"unknown resize policy {policy!r}; valid: resize, pad, crop, snap, none")
+
+
+def centre_square(w: int, h: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of the centred ``min(w, h)`` square, offsets rounded down."""
+    c = min(w, h)
+    x0, y0 = (w - c) // 2, (h - c) // 2
+    return x0, y0, x0 + c, y0 + c
+
+
+def _centre_crop_bilinear(img: Image.Image, size: int | tuple[int, int] | None) -> Prepared:
+    """The ``crop`` policy: :func:`centre_square`, then bilinear to ``size`` x ``size``."""
+    if size is None:
+        raise BadInputError("resize policy 'crop' needs a size")
+    s = size if isinstance(size, int) else max(size)
+    box = centre_square(*img.size)
+    x = pil_to_tensor(img.crop(box))
+    if x.shape[-1] != s:
+        x = torch.nn.functional.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False)[0]
+    return Prepared(x, img.size, (0, 0, s, s))
 
 
 def image_key(image: torch.Tensor) -> str:
@@ -172,15 +316,22 @@ def image_key(image: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+_TMP_TAG = f"{hashlib.sha1(os.uname().nodename.encode()).hexdigest()[:6]}-{{pid}}" if hasattr(os, "uname") else "h-{pid}"
+_TMP_RE = re.compile(r"^\..+\.([0-9a-f]{6}|h)-(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 
     On error the temporary file is removed, so a crash never leaves a half-written output.
+    A ``kill -9`` cannot run that clean-up: the temporary name carries the host and pid
+    (``.NAME.HOST-PID.RANDOM.tmp``) so that the next run removes it
+    (:func:`remove_stale_temps`) once that process is gone, and it is never taken for an output.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP_TAG.format(pid=os.getpid())}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -189,6 +340,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, pattern: str = "**/.*.tmp") -> int:
+    """Delete the temporary files of :func:`atomic_path` under ``folder`` whose writer is dead.
+
+    Only files made on this host by a process that no longer exists are removed, so a
+    concurrent rank's (or another host's) write in progress is never touched. ``pattern``
+    (a glob under ``folder``) narrows the search. Returns the count.
+    """
+    folder, here, n = Path(folder), _TMP_TAG.split("-")[0], 0
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(pattern):
+        m = _TMP_RE.match(p.name)
+        if m and m.group(1) == here and not pid_alive(int(m.group(2))):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
+    return n
 
 
 def check_writable(path: Path, overwrite: bool) -> bool:
@@ -264,8 +445,26 @@ def json_default(o: object) -> object:
 
 def output_path(out_dir: Path, root: Path, image: Path, suffix: str) -> Path:
     """Mirror ``image``'s path relative to ``root`` inside ``out_dir`` with a new suffix."""
-    rel = image.name if root.is_file() else str(image.relative_to(root))
-    return out_dir / (str(Path(rel).with_suffix("")) + suffix)
+    rel = image.name if Path(root).is_file() else Path(image).relative_to(root).as_posix()
+    return inside(out_dir, str(Path(rel).with_suffix("")) + suffix)
+
+
+def inside(out_dir: str | os.PathLike, rel: str) -> Path:
+    """``out_dir / rel``, refusing in one line any name that would land outside ``out_dir``.
+
+    Absolute names and ``..`` components are refused, and so is a folder on the way that is
+    a symbolic link leading out of ``out_dir`` (the final file is replaced, not followed, by
+    :func:`atomic_path`).
+    """
+    out_dir = Path(out_dir)
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        raise BadInputError(f"output name {rel!r} would leave the output folder {out_dir}")
+    target = out_dir.joinpath(*parts)
+    real_out, real_parent = os.path.realpath(out_dir), os.path.realpath(target.parent)
+    if real_parent != real_out and not real_parent.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise BadInputError(f"output {target} would be written outside {out_dir} (through a symbolic link)")
+    return target
 
 
 class FolderRun:

@@ -1,11 +1,13 @@
-"""Folder runs shared by every command that reads an image folder.
+"""Image-folder runs: the per-image-file sink of :mod:`difffeat.runner`.
 
-``run_folder`` lists the images, skips those whose outputs exist (resume), reads each
-image (a corrupt one is reported in one line and skipped), groups the rest into batches,
-hands each batch to a task callback, shows a progress bar, and at the end raises one
-:class:`DiffFeatError` with the failure count (so the exit code is non-zero) while keeping
-every output that was written. Outputs are written atomically by the callbacks through
-:mod:`difffeat.io`, so an interrupted run never leaves a half-written file.
+``run_folder`` lists the images, maps each to its output file inside the output folder
+(:func:`difffeat.io.output_path`: never outside it), and hands the folder to the one
+runner, which skips finished images (resume), reads each image through the guarded loader
+(a bad one is reported in one line and skipped), batches the rest for a task callback,
+shows progress and counts failures; at the end one :class:`DiffFeatError` with the failure
+count makes the exit code non-zero while every output that was written is kept. Outputs
+are written atomically by the callbacks through :mod:`difffeat.io`, the primary output
+last, so an interrupted run never leaves a half-written or falsely finished file.
 """
 from __future__ import annotations
 
@@ -16,11 +18,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from .errors import DiffFeatError
-from .distributed import dist_info, progress_bar, rank_share
-from .io import FolderRun, list_images, load_image, output_path, save_features, save_png
+from .errors import BadInputError, DiffFeatError
+from .io import FolderRun, list_images, load_image, original_size, output_path, save_features, save_png
+from .runner import Job, run
 
 
 @dataclass
@@ -30,10 +31,40 @@ class Item:
     path: Path
     out: Path  # the primary output; its existence marks the item finished
     image: Image.Image | None = None
+    written: bool = False  # finished by an earlier run: computed with its batch, not written again
+    error: str | None = None  # why it cannot run at all (e.g. its output name clashes)
 
     @property
     def name(self) -> str:
         return str(self.path)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the image file (the loaded image may be reduced, see :func:`load_image`)."""
+        return original_size(self.image)  # type: ignore[arg-type]
+
+
+def folder_items(inputs: str | os.PathLike, out_dir: str | os.PathLike, suffix: str) -> list[Item]:
+    """One :class:`Item` per image under ``inputs``, its output under ``out_dir``.
+
+    Two images that would write the same output (``a.png`` and ``a.jpg``) are both kept
+    out with one line each, rather than one silently replacing the other.
+    """
+    root, out_dir = Path(inputs), Path(out_dir)
+    items, owner = [], {}
+    for p in list_images(root):
+        try:
+            out = output_path(out_dir, root, p, suffix)
+        except DiffFeatError as e:
+            items.append(Item(p, out_dir / f".invalid{len(items)}", error=str(e)))
+            continue
+        it = Item(p, out)
+        if out in owner:
+            msg = f"{p} and {owner[out].path} both map to {out}; rename one"
+            it.error = owner[out].error = msg
+        owner.setdefault(out, it)
+        items.append(it)
+    return items
 
 
 def run_folder(
@@ -45,54 +76,29 @@ def run_folder(
     overwrite: bool = False,
     desc: str = "images",
     echo: Callable[[str], Any] | None = None,
+    max_side: int | None = None,
+    bytes_per_item: int = 0,
 ) -> FolderRun:
-    """Run ``process`` over batches of readable, unfinished images under ``inputs``."""
-    root, out_dir = Path(inputs), Path(out_dir)
-    info = dist_info()
-    files = rank_share(list_images(root), batch_size, info)  # this rank's batches (all of them on one process)
-    run = FolderRun(echo=echo or (lambda m: tqdm.write(m, file=__import__("sys").stderr)))
-    todo = []
-    for p in files:
-        out = output_path(out_dir, root, p, suffix)
-        if out.exists() and not overwrite:
-            run.skipped += 1
-        else:
-            todo.append(Item(p, out))
-    if run.skipped and info.is_main:
-        tqdm.write(f"resuming: {run.skipped} of {len(files)} {desc} already done (use --overwrite to redo)")
-    bar = progress_bar(len(todo), desc, info)
-    batch: list[Item] = []
+    """Run ``process`` over batches of readable, unfinished images under ``inputs``.
 
-    def flush() -> None:
-        if not batch:
-            return
-        try:
-            process(batch)
-            run.done += len(batch)
-        except DiffFeatError as e:
-            if len(batch) == 1:
-                run.fail(batch[0].name, f"{batch[0].name}: {e}")
-            else:  # find the culprit: retry one by one
-                for it in batch:
-                    with run.item(it.name):
-                        process([it])
-        bar.update(len(batch))
-        batch.clear()
+    ``process`` gets :class:`Item` s with their image loaded; it must not write the outputs
+    of items marked ``written`` (finished by an earlier, interrupted run). ``max_side``
+    lets the loader reduce huge images (see :func:`difffeat.io.load_image`).
+    """
 
-    for it in todo:
-        try:
-            it.image = load_image(it.path)
-        except DiffFeatError as e:
-            run.fail(it.name, str(e))
-            bar.update(1)
-            continue
-        batch.append(it)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    run.finish(desc)
-    return run
+    def load(it: Item) -> Item:
+        if it.error is not None:
+            raise BadInputError(it.error)
+        it.image = load_image(it.path, max_side=max_side)
+        it.written = not overwrite and it.out.exists()
+        return it
+
+    job = Job(folder_items(inputs, out_dir, suffix), process, done=lambda it: it.error is None and it.out.exists(),
+              load=load, name=lambda it: it.name)
+    res = run(job, out=out_dir, batch_size=batch_size, overwrite=overwrite, desc=desc, echo=echo,
+              bytes_per_item=bytes_per_item)
+    res.finish(desc)
+    return res
 
 
 def group_by_size(items: Sequence[Item], prepare: Callable[[Image.Image], torch.Tensor]) -> list[tuple[list[Item], torch.Tensor]]:
@@ -131,11 +137,37 @@ def extract_folder(
             kw = {"prompts": [prompts(it) for it in its]} if prompts else {}
             feats = ex(x, **kw)
             for i, it in enumerate(its):
-                meta = dict(meta_common, image=str(it.path), original_size=list(it.image.size),  # type: ignore[union-attr]
+                if it.written:
+                    continue
+                meta = dict(meta_common, image=str(it.path), original_size=list(it.size),
                             input_size=[int(x.shape[-1]), int(x.shape[-2])])
                 tensors = {k: v[i].to(SAVE_DTYPES[save_dtype]) for k, v in feats.items()}
                 if viz_key is not None:
-                    save_png(it.out.with_suffix(".png"), pca_rgb(feats[viz_key][i], size=it.image.size))  # type: ignore[union-attr]
+                    save_png(it.out.with_suffix(".png"), pca_rgb(feats[viz_key][i], size=it.size))
                 save_features(it.out, tensors, meta)  # written last: marks the image finished
 
-    return run_folder(images, out_dir, ".safetensors", process, batch_size=batch_size, overwrite=overwrite, desc="images")
+    return run_folder(images, out_dir, ".safetensors", process, batch_size=batch_size, overwrite=overwrite,
+                      desc="images", max_side=working_side(ex), bytes_per_item=feature_bytes(ex, save_dtype))
+
+
+def working_side(ex: Any) -> int | None:
+    """How large an image the loader must keep for ``ex`` (4x its input size), or None (native size)."""
+    from .io import REDUCE_GAP
+
+    res = getattr(ex, "resolution", None)
+    if not res or getattr(ex, "resize", None) == "snap":
+        return None
+    return REDUCE_GAP * int(res if isinstance(res, int) else max(res))
+
+
+def feature_bytes(ex: Any, save_dtype: str = "fp16") -> int:
+    """An estimate of one image's feature file (for the free-space check); 0 if unknown."""
+    res = getattr(ex, "resolution", None)
+    if not isinstance(res, int):
+        return 0
+    per = torch.tensor([], dtype=SAVE_DTYPES[save_dtype]).element_size()
+    total = 0
+    for f in getattr(ex, "feature_info", []) or []:
+        stride, ch = int(f.get("stride") or 1), int(f.get("channels") or 0)
+        total += ch * max(1, res // stride) ** 2 * per
+    return total + 4096

@@ -337,7 +337,7 @@ def task_preset(name: str, task: str, prefix: str = "") -> MethodPreset:
     presets = {n: p for n, p in method_presets().items() if p.task == task}
     for cand in (name, f"{prefix}{name}"):
         if cand in presets:
-            return presets[cand]
+            return get_preset(cand)  # validated
     raise one_of(f"{task} preset", name, list(presets))
 
 
@@ -370,6 +370,9 @@ def get_preset(name: str) -> MethodPreset:
     presets = method_presets()
     if name not in presets:
         raise one_of("preset", name, list(presets))
+    from .validate import check_preset
+
+    check_preset(presets[name].raw, presets[name].path)
     return presets[name]
 
 

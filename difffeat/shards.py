@@ -38,13 +38,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .distributed import DistInfo, dist_info, progress_bar, shard_items
+from .distributed import DistInfo, dist_info, shard_items
 from .errors import BadInputError, DiffFeatError
-from .io import json_default, atomic_path, chunked
+from .io import atomic_path, json_default
 
 FORMAT = "difffeat-shards/1"
 PLAN = "plan.json"
@@ -325,33 +325,39 @@ def run_sharded(
     overwrite: bool = False,
     info: DistInfo | None = None,
     desc: str = "images",
+    bytes_per_item: int = 0,
+    load: Callable[[str], Any] | None = None,
 ) -> ShardRun:
     """Compute this rank's pending shards batch by batch, write them, and merge if all are done.
 
-    ``compute(batch_keys)`` returns a :class:`Record` for every key of the batch. Batches never
+    ``compute(batch)`` returns a :class:`Record` for every key of the batch (``batch`` holds the
+    keys, or what ``load(key)`` returned for them; a key whose ``load`` raises
+    :class:`DiffFeatError` is reported in one line and recorded as an error). Batches never
     cross a shard boundary (shard ``k`` is always computed as the same batches), which keeps
     outputs byte-identical across world sizes. No rank waits for another: whichever rank
     finds every shard finished writes the index (identical bytes if two do at once).
     """
-    info = info or dist_info()
-    writer = ShardWriter(out_dir, keys, shard_size, run_meta, info, overwrite)
-    todo = writer.pending()
-    skipped = sum(len(s.keys) for s in writer.mine) - sum(len(s.keys) for s in todo)
-    if skipped and info.is_main and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1":
-        from tqdm import tqdm
+    from .runner import Job, output_guard, run
 
-        tqdm.write(f"resuming: {len(writer.mine) - len(todo)} of rank 0's {len(writer.mine)} shards already written")
-    bar = progress_bar(sum(len(s.keys) for s in todo), desc, info)
-    computed = 0
-    for shard in todo:
+    info = info or dist_info()
+    keys = list(keys)
+    with output_guard(out_dir, info, len(keys) * bytes_per_item):  # before the plan is read or written
+        writer = ShardWriter(out_dir, keys, shard_size, run_meta, info, overwrite)
+        shard_of = {k: s for s in writer.shards for k in s.keys}
+        finished = {s.name for s in writer.mine} - {s.name for s in writer.pending()}
         records: dict[str, Record] = {}
-        for batch in chunked(shard.keys, batch_size):
-            records.update(compute(list(batch)))
-            bar.update(len(batch))
-        writer.write(shard, records)
-        computed += len(shard.keys)
-    bar.close()
-    return ShardRun(computed, skipped, merge_index(out_dir, allow_incomplete=True))
+
+        def write(unit: Sequence[str]) -> None:
+            shard = shard_of[unit[0]]
+            writer.write(shard, {k: records.pop(k) for k in shard.keys})
+
+        job: Job[str] = Job([k for s in writer.shards for k in s.keys], lambda b: records.update(compute(list(b))),
+                            done=lambda k: shard_of[k].name in finished, unit=shard_size, on_unit=write,
+                            on_fail=lambda k, msg: records.__setitem__(k, Record(error=msg)))
+        if load is not None:
+            job.load = load
+        res = run(job, batch_size=batch_size, overwrite=overwrite, desc=desc, info=info)
+        return ShardRun(res.done + len(res.failed), res.skipped, merge_index(out_dir, allow_incomplete=True))
 
 
 def extract_folder_sharded(
@@ -374,32 +380,29 @@ def extract_folder_sharded(
     then raises one :class:`DiffFeatError` counting the failures (non-zero exit, outputs kept).
     """
     from .io import list_images, load_image
-    from .pipeline import SAVE_DTYPES, Item, group_by_size
+    from .pipeline import SAVE_DTYPES, Item, feature_bytes, group_by_size, working_side
 
     root, out_dir = Path(images), Path(out_dir)
     paths = {(p.name if root.is_file() else p.relative_to(root).as_posix()): p for p in list_images(root)}
     key_of = {p: k for k, p in paths.items()}
-    dtype = SAVE_DTYPES[save_dtype]
+    dtype, side = SAVE_DTYPES[save_dtype], working_side(ex)
 
-    def compute(keys: list[str]) -> dict[str, Record]:
+    def load(key: str) -> Item:
+        return Item(paths[key], out_dir, load_image(paths[key], max_side=side))
+
+    def compute(items: list[Item]) -> dict[str, Record]:
         out: dict[str, Record] = {}
-        items = []
-        for k in keys:
-            try:
-                items.append(Item(paths[k], out_dir, load_image(paths[k])))
-            except DiffFeatError as e:
-                out[k] = Record(error=str(e))
         for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
             feats = ex(x)
             for i, it in enumerate(its):
-                meta = {"image": str(it.path), "original_size": list(it.image.size),  # type: ignore[union-attr]
+                meta = {"image": str(it.path), "original_size": list(it.size),
                         "input_size": [int(x.shape[-1]), int(x.shape[-2])]}
                 out[key_of[it.path]] = Record({k: v[i].to(dtype) for k, v in feats.items()}, meta)
         return out
 
     run_meta = dict(ex.metadata(), save_dtype=save_dtype)
-    res = run_sharded(out_dir, paths, compute, shard_size=shard_size, batch_size=batch_size,
-                      run_meta=run_meta, overwrite=overwrite, info=info)
+    res = run_sharded(out_dir, paths, compute, shard_size=shard_size, batch_size=batch_size, run_meta=run_meta,
+                      overwrite=overwrite, info=info, load=load, bytes_per_item=feature_bytes(ex, save_dtype))
     if res.merged is not None and res.merged.failed:
         first = res.merged.failed[0]
         raise DiffFeatError(

@@ -30,6 +30,7 @@ from torch import nn
 
 from difffeat.errors import BadInputError, CheckpointMismatchError
 from difffeat.io import atomic_path, json_default, save_json
+from difffeat.validate import HEAD_SCHEMA, check_schema
 
 from .registry import build_head
 
@@ -65,21 +66,27 @@ def checkpoint_folder(path: str | Path, stem: str, what: str, hint: str = "") ->
     return folder
 
 
-def read_checkpoint(path: str | Path, stem: str, fmt: str, what: str, hint: str = "") -> dict[str, Any]:
-    """The JSON of a checkpoint (from ``STEM.json``, else the safetensors metadata), format-checked."""
+def read_checkpoint(path: str | Path, stem: str, fmt: str, what: str, hint: str = "",
+                    schema: Any = None) -> dict[str, Any]:
+    """The JSON of a checkpoint (from ``STEM.json``, else the safetensors metadata), format- and
+    ``schema``-checked (:func:`difffeat.validate.check_schema`): every problem is one line."""
     folder = checkpoint_folder(path, stem, what, hint)
+    cfg_path = folder / f"{stem}.json"
     try:
-        if (folder / f"{stem}.json").exists():
-            config = json.loads((folder / f"{stem}.json").read_text())
+        if cfg_path.exists():
+            config = json.loads(cfg_path.read_text())
         else:
             from safetensors import safe_open
 
             with safe_open(str(folder / f"{stem}.safetensors"), framework="pt") as f:
                 config = json.loads((f.metadata() or {})["config"])
-    except (json.JSONDecodeError, KeyError, OSError) as e:
-        raise BadInputError(f"cannot read {what} config of {path}: {type(e).__name__}: {e}") from None
-    if config.get("format") != fmt:
-        raise BadInputError(f"{folder} is not a difffeat {what} checkpoint (format {config.get('format')!r})")
+    except Exception as e:  # noqa: BLE001 - JSON, safetensors and OS errors alike: one line
+        raise BadInputError(f"cannot read {what} config of {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise BadInputError(f"{folder} is not a difffeat {what} checkpoint (format {found!r})")
+    if schema is not None:
+        check_schema(config, schema, str(cfg_path))
     return config
 
 
@@ -91,7 +98,7 @@ def read_tensors(path: str | Path, stem: str, what: str) -> dict[str, torch.Tens
     try:
         return load_file(str(weights), device="cpu")
     except Exception as e:  # safetensors raises its own types
-        raise BadInputError(f"cannot read {what} weights {weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise BadInputError(f"cannot load {what} weights {weights}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def feature_record(ex: Any, preset: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def save_head(
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The JSON config of a checkpoint folder (or of its ``.safetensors``/``.json`` file)."""
-    return read_checkpoint(path, WEIGHTS.split(".")[0], FORMAT, "head")
+    return read_checkpoint(path, WEIGHTS.split(".")[0], FORMAT, "head", schema=HEAD_SCHEMA)
 
 
 def check_backbone(config: Mapping[str, Any], expect: Mapping[str, Any], where: str = "checkpoint") -> None:
@@ -223,7 +230,10 @@ def load_head(
     if expect_backbone is not None:
         check_backbone(config, expect_backbone, where=str(path))
     spec = config["head"]
-    head = build_head(spec["kind"], config["feature_info"], aggregator=spec.get("aggregator"), **spec.get("args", {}))
+    try:
+        head = build_head(spec["kind"], config["feature_info"], aggregator=spec.get("aggregator"), **spec.get("args", {}))
+    except (TypeError, ValueError, KeyError) as e:  # args that do not fit the head kind
+        raise BadInputError(f"head {path} cannot be rebuilt from its config: {type(e).__name__}: {e}") from None
     state = read_tensors(path, WEIGHTS.split(".")[0], "head")
     try:
         head.load_state_dict(state, strict=True)

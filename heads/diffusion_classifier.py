@@ -31,25 +31,51 @@ top-k). ``static_batches`` pads a stage's last batch so a compiled denoiser sees
 
 Deviations (documented, optional):
 
-* ``early_stop=z`` ends a stage once the paired z-score between the last survivor and
-  the first eliminated class exceeds ``z`` (pairs are visited in a bit-reversed order so
-  every prefix spreads over [0, T)). Off by default; it costs one sync per batch.
+* **The sequential schedule** (``delta=``, presets ``<dataset>-fast``; off by default).
+  It races the classes inside the paper's stages: a stage's pairs are visited in a
+  stratified random order (:func:`stratified_order`), ``check_every`` pairs at a time for
+  every alive class, and after each round a class is dropped once a paired bound says it is
+  worse than the current leader (the class of lowest mean error on the shared pairs):
+  mean(d) > z·se(d) for d = e_class - e_leader per pair. A stage ends once no more than its
+  ``to_keep`` classes are alive (its unvisited pairs move to the next stage); the run ends
+  when one class is left or the last stage's pairs are spent, so the paper's budget is a
+  hard cap (never more evaluations; ``Prediction.unet_evals`` reports those used).
+  *The bound* is a sequential paired t bound (normal quantile), made simultaneous by a
+  Bonferroni union over the K - 1 rivals and the checks of an image (z from δ, see
+  :func:`racing_threshold`), with the finite-population correction of sampling n of the
+  grid's N pairs without replacement (Cochran 1977, *Sampling Techniques*, eq. 2.12), so
+  that at n = N it is the exact full-grid comparison; with a fixed ``early_stop`` z it is
+  the same test without the union. Why not empirical Bernstein (Maurer & Pontil 2009;
+  Audibert, Munos & Szepesvári 2009; its racing use: Mnih, Szepesvári & Audibert 2008)?
+  It needs a known range R of d, which denoising errors do not have (a range read off the
+  data voids its guarantee), and its R/n term makes it far looser at the 10-100 pairs that
+  matter here. The price: the t bound is asymptotic (CLT on means of 8+ pairs), not a
+  finite-sample guarantee; δ is therefore a nominal rate, and the agreement with the paper
+  schedule is measured (tests/test_classify_sequential.py). ``delta=0`` never drops a class:
+  the paper's schedule exactly.
 * Scores: a softmax over raw mean errors is nearly uniform (the maintainers recommend
   temperature scaling). Scores are a softmax over each class's *paired gap* to the top
   class (its mean error minus the top class's on the same pairs). ``temperature="auto"``
-  uses the paired standard error between the two best classes, which makes the score a *ranking confidence*, not a calibrated
-  probability; :func:`fit_temperature` fits a real temperature on labelled predictions
-  (``difffeat classify --eval`` prints it) to pass back as ``temperature=``.
+  uses the paired standard error between the two best classes, which makes the score a
+  *ranking confidence*, not a calibrated probability; :func:`fit_temperature` fits a real
+  temperature on labelled predictions (``difffeat classify --eval`` prints it) to pass back
+  as ``temperature=``. Classes scored on fewer pairs (eliminated by a stage or dropped by
+  the race) are *kept, not excluded*: their gap is the paired mean over the pairs they were
+  scored on, an estimate of their full-grid gap (unbiased under the stratified random
+  order), so the fit sees every listed class with a variable number of evaluations.
 """
 from __future__ import annotations
 
 import json
 import math
+import random
 import re
+from statistics import NormalDist
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -124,11 +150,23 @@ def timestep_weights(spec: str | Sequence[float] | torch.Tensor | None, num_trai
     """Per-timestep weights [T] from a spec; None means uniform (the paper).
 
     ``spec``: None / ``"uniform"``; ``"range:A-B"`` (weight 1 for A <= t < B, else 0: those
-    timesteps are skipped); a path to a JSON list of T numbers; or a sequence/tensor of T.
+    timesteps are skipped); ``"poly:a0,a1,..."`` / ``"exp-poly:a0,a1,..."`` (w = Σ a_i τ^i,
+    or its exp, with τ = 2t/(T-1) - 1 in [-1, 1]: the polynomial parametrisation of Jeong,
+    Uselis, Oh, Rohrbach 2025, arXiv:2505.17955, fitted by :func:`fit_timestep_weights`); a
+    path to a JSON list of T numbers; or a sequence/tensor of T.
     """
     T = int(num_train_timesteps)
     if spec is None or (isinstance(spec, str) and spec in ("", "uniform")):
         return None
+    if isinstance(spec, str) and re.fullmatch(r"(exp-)?poly:.*", spec.strip()):
+        kind, _, coeffs = spec.strip().partition(":")
+        try:
+            a = [float(v) for v in coeffs.split(",") if v.strip()]
+        except ValueError:
+            raise BadInputError(f"timestep weights {spec!r}: poly needs comma-separated numbers") from None
+        if not a:
+            raise BadInputError(f"timestep weights {spec!r}: poly needs at least one coefficient")
+        spec = poly_weights(torch.tensor(a), T, positive=kind == "exp-poly")
     if isinstance(spec, str):
         m = re.fullmatch(r"range:(\d+)-(\d+)", spec.strip())
         if m:
@@ -151,11 +189,89 @@ def timestep_weights(spec: str | Sequence[float] | torch.Tensor | None, num_trai
     return w
 
 
+def poly_weights(coeffs: torch.Tensor, num_train_timesteps: int, positive: bool = True) -> torch.Tensor:
+    """w(t) = Σ a_i τ^i (exp of it if ``positive``), τ = 2t/(T-1) - 1 (arXiv:2505.17955's form)."""
+    tau = torch.linspace(-1, 1, int(num_train_timesteps), dtype=coeffs.dtype)
+    w = sum(c * tau ** i for i, c in enumerate(coeffs))
+    return w.exp() if positive else w  # type: ignore[union-attr]
+
+
+def fit_timestep_weights(errors: torch.Tensor, labels: torch.Tensor, grid: Sequence[int], num_train_timesteps: int,
+                         degree: int | None = None, steps: int = 200, lr: float = 0.01, l1: float = 0.0) -> torch.Tensor:
+    """Learn timestep weights on labelled data, as Jeong et al. 2025 (arXiv:2505.17955) do.
+
+    ``errors`` [N images, K classes, G grid timesteps] (every class scored on every grid
+    timestep, e.g. a one-stage schedule), ``labels`` [N] the true class index. Minimises the
+    cross-entropy of softmax(-mean_g(w_g · error)) over the images, plus ``l1`` · |w|₁, with
+    Adam. ``degree=None`` learns one weight per grid timestep (w = exp(θ), so positive);
+    an int learns an exp-polynomial of that degree in τ (see :func:`poly_weights`). Returns
+    T weights for :func:`timestep_weights` (grid values, linearly interpolated between; the
+    classifier evaluates the grid only). Their finding: uniform weighting is near-optimal for
+    SD 1.5/2.0, while SD3-m (flow matching) gains markedly from a learned weighting, the more
+    so the larger the domain gap to the target images.
+    """
+    e = errors.double()
+    y = torch.as_tensor(labels, dtype=torch.long)
+    g = torch.as_tensor(list(grid), dtype=torch.double)
+    tau = 2 * g / (num_train_timesteps - 1) - 1
+    theta = torch.zeros(e.shape[2] if degree is None else degree + 1, dtype=torch.double)
+    theta.requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+
+    def weights() -> torch.Tensor:
+        return theta.exp() if degree is None else sum(c * tau ** i for i, c in enumerate(theta)).exp()  # type: ignore[union-attr]
+
+    for _ in range(int(steps)):
+        opt.zero_grad()
+        w = weights()
+        loss = F.cross_entropy(-(e * w).mean(2), y) + l1 * w.abs().sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w = weights()
+        full = torch.from_numpy(np.interp(np.arange(num_train_timesteps), g.numpy(), w.numpy()))
+    return full.float()
+
+
 def spread_order(n: int) -> list[int]:
     """A permutation of range(n) whose every prefix is spread evenly (bit-reversed order)."""
     bits = max(1, (n - 1).bit_length())
     keys = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
     return sorted(range(n), key=lambda i: keys[i])
+
+
+def stratified_order(pairs: Sequence[int], n_strata: int, rng: random.Random) -> list[int]:
+    """A stratified random order of ``pairs`` (sorted, they run over [0, T)).
+
+    The pairs are cut into ``n_strata`` contiguous strata and shuffled within each; sweep j
+    takes the j-th pair of every stratum, strata visited in :func:`spread_order`. Every run of
+    ``n_strata`` consecutive pairs holds one pair per stratum (proportional stratified
+    sampling), so each check of the racing bound sees timesteps spread over [0, T).
+    """
+    ps = sorted(pairs)
+    S = max(1, min(int(n_strata), len(ps)))
+    strata = [ps[i * len(ps) // S:(i + 1) * len(ps) // S] for i in range(S)]
+    for st in strata:
+        rng.shuffle(st)
+    visit = spread_order(S)
+    return [strata[v][j] for j in range(max((len(st) for st in strata), default=0)) for v in visit if j < len(strata[v])]
+
+
+def racing_threshold(delta: float | None, z: float | None, n_classes: int, n_checks: int) -> float | None:
+    """The z of the racing bound: given, or from ``delta`` by Bonferroni (None = no racing)."""
+    if delta is not None and z is not None:
+        raise BadInputError("give either a racing error rate (delta) or a z threshold (early_stop), not both")
+    if z is not None:
+        if not z >= 0:
+            raise BadInputError(f"early-stop z must be >= 0, got {z}")
+        return float(z)
+    if delta is None:
+        return None
+    if not 0 <= delta < 1:
+        raise BadInputError(f"racing error rate delta must be in [0, 1), got {delta}")
+    if delta == 0:
+        return math.inf
+    return NormalDist().inv_cdf(1 - delta / (max(1, n_classes - 1) * max(1, n_checks)))
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -209,7 +325,8 @@ class Prediction:
     """The ranked classes of one image.
 
     ``classes`` are ranked best first: survivors of later stages before classes eliminated
-    earlier, each group by mean error. ``errors[i]`` is the (weighted) mean loss of
+    earlier, then (racing) classes scored on more pairs first, then by mean error. With
+    ``candidates`` (the hierarchy) only the candidates are listed. ``errors[i]`` is the (weighted) mean loss of
     ``classes[i]`` over the ``samples[i]`` (t, ε) pairs it was scored on; ``gaps[i]`` is that
     mean minus the top class's mean over the same pairs (paired, so comparable across
     stages; 0 for the top class). ``scores`` = softmax(-gaps / temperature).
@@ -291,8 +408,14 @@ class DiffusionClassifier:
         max_batch: denoiser rows per call (pairs × classes are flattened into rows).
         seed: noise seed; an image's noise depends on ``(seed, image content)`` only.
         temperature: score temperature (a float) or ``"auto"`` (see the module doc).
-        early_stop: z-score threshold for the optional early stage stop (None = off); its
-            batches hold whole pairs (``max_batch`` rounded down to a multiple of the classes).
+        early_stop: a fixed z threshold for racing (see ``delta``); None = off.
+        delta: racing at error rate ``delta`` (the sequential schedule, see the module doc):
+            z = Φ⁻¹(1 - delta / ((K - 1) · L)), a Bonferroni union over the K - 1 rivals and the
+            L = ceil(N / check_every) checks an image can make. ``delta=0`` never drops a class
+            early, which is the paper's schedule exactly. Give ``delta`` or ``early_stop``.
+        check_every: racing rounds: pairs scored by every alive class between two checks
+            (also the number of strata of the stratified random order).
+        min_pairs: racing drops nothing before this many shared pairs.
         static_batches: pad each stage's last batch to ``max_batch`` (one shape for a
             compiled denoiser); padded rows are discarded and not counted.
         image_size: (H, W) of the inputs (SDXL size conditioning only).
@@ -311,6 +434,9 @@ class DiffusionClassifier:
         seed: int = 0,
         temperature: float | str = "auto",
         early_stop: float | None = None,
+        delta: float | None = None,
+        check_every: int = 8,
+        min_pairs: int = 8,
         static_batches: bool = False,
         image_size: tuple[int, int] | None = None,
     ) -> None:
@@ -318,7 +444,8 @@ class DiffusionClassifier:
         self.backbone, self.classes = bb, check_class_names(classes)
         self.schedule = schedule or Schedule()
         self.max_batch, self.seed = max(1, int(max_batch)), int(seed)
-        self.early_stop, self.static_batches = early_stop, bool(static_batches)
+        self.early_stop, self.delta, self.static_batches = early_stop, delta, bool(static_batches)
+        self.check_every, self.min_pairs = max(1, int(check_every)), max(2, int(min_pairs))
         if not (temperature == "auto" or (isinstance(temperature, (int, float)) and temperature > 0)):
             raise BadInputError(f"temperature must be a positive number or 'auto', got {temperature!r}")
         self.temperature = temperature
@@ -342,6 +469,7 @@ class DiffusionClassifier:
         T = bb.num_train_timesteps
         self.grid = self.schedule.grid(T)
         w = torch.ones(T) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.weights = None if weights is None else w  # per-timestep weights [T] as given
         if w.numel() != T:
             raise BadInputError(f"timestep weights need {T} values, got {w.numel()}")
         trials = self.schedule.trials
@@ -351,6 +479,8 @@ class DiffusionClassifier:
         self._w_grid = [float(w[t]) for t in self.grid]
         if not any(self._w_grid[i] > 0 for i in self.schedule.stage_indices(0, len(self.grid))):
             raise BadInputError("the timestep weights are zero on every timestep of the first stage")
+        self._population = sum(trials for v in self._w_grid if v > 0)  # N: pairs of the full grid
+        self._z = racing_threshold(delta, early_stop, K, math.ceil(self._population / self.check_every))
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -363,32 +493,45 @@ class DiffusionClassifier:
         return [self.classify_latent(latents[i], keys[i]) for i in range(latents.shape[0])]
 
     @torch.no_grad()
-    def classify_latent(self, x0: torch.Tensor, key: str = "-") -> Prediction:
-        """Classify one encoded image ``x0`` [C,h,w]; ``key`` seeds its noise."""
+    def classify_latent(self, x0: torch.Tensor, key: str = "-", noise: torch.Tensor | None = None,
+                        candidates: Sequence[int] | None = None) -> Prediction:
+        """Classify one encoded image ``x0`` [C,h,w]; ``key`` seeds its noise.
+
+        ``noise``: explicit ε per pair [len(grid) * trials, C, h, w] (pair = grid index * trials +
+        trial), e.g. to replay another implementation's draws; default: drawn from ``(seed, key)``.
+        ``candidates``: indices into ``classes`` to score (default all; the hierarchy uses it).
+        """
         bb, sch = self.backbone, self.schedule
         dev = bb.device
         x0 = x0.to(dev).float()
         n_pairs = len(self.grid) * sch.trials
-        gen = torch.Generator(device=dev).manual_seed(key_seed(self.seed, key))
-        noise = torch.randn((n_pairs, *x0.shape), generator=gen, device=dev)
-        K = len(self.classes)
-        table = torch.full((K, n_pairs), float("nan"), device=dev)  # error of (class, pair)
-        alive = list(range(K))
-        reached = [0] * K  # last stage each class took part in
+        if noise is None:
+            gen = torch.Generator(device=dev).manual_seed(key_seed(self.seed, key))
+            noise = torch.randn((n_pairs, *x0.shape), generator=gen, device=dev)
+        elif tuple(noise.shape) != (n_pairs, *x0.shape):
+            raise BadInputError(f"noise must have shape {(n_pairs, *x0.shape)}, got {tuple(noise.shape)}")
+        noise = noise.to(dev, torch.float32)
+        rng = random.Random(key_seed(self.seed + 1, key))  # the stratified order (racing only)
+        table = torch.full((len(self.classes), n_pairs), float("nan"), device=dev)  # error of (class, pair)
+        alive = sorted(set(range(len(self.classes))) if candidates is None else set(int(c) for c in candidates))
+        reached = [-1] * len(self.classes)  # last stage each class took part in (-1: not a candidate)
         seen: set[int] = set()
+        carry: list[int] = []  # pairs of a stage that racing ended early, scored in the next one
         evals, stages = 0, []
         for s, keep in enumerate(sch.to_keep):
-            idx = [i for i in self.schedule.stage_indices(s, len(self.grid)) if i not in seen and self._w_grid[i] > 0]
-            pairs = [i * sch.trials + j for i in idx for j in range(sch.trials)]
-            pairs = [pairs[o] for o in spread_order(len(pairs))] if pairs else []
+            idx = [i for i in sch.stage_indices(s, len(self.grid)) if i not in seen and self._w_grid[i] > 0]
+            seen.update(idx)
+            pairs = carry + [i * sch.trials + j for i in idx for j in range(sch.trials)]
+            if self._z is not None:
+                pairs = stratified_order(pairs, self.check_every, rng)
             keep = min(keep, len(alive))
-            done = self._run_stage(x0, noise, pairs, alive, table, keep) if pairs else 0
-            seen.update(p // sch.trials for p in pairs[:done])
-            evals += done * len(alive)
             for k in alive:
                 reached[k] = s
-            stages.append({"classes": len(alive), "pairs": done, "evals": done * len(alive),
-                           "stopped_early": done < len(pairs)})
+            start = len(alive)
+            done, used, alive = self._run_stage(x0, noise, pairs, alive, table, keep)
+            carry = pairs[done:]
+            evals += used
+            stages.append({"classes": start, "pairs": done, "evals": used, "stopped_early": done < len(pairs)})
             if keep < len(alive):
                 mean = self._mean(table)
                 order = mean[torch.tensor(alive, device=dev)].argsort(stable=True)[:keep].tolist()
@@ -402,8 +545,26 @@ class DiffusionClassifier:
         return (torch.nan_to_num(table) * w).sum(1) / w.sum(1).clamp_min(1e-30)
 
     def _run_stage(self, x0: torch.Tensor, noise: torch.Tensor, pairs: list[int], alive: list[int],
-                   table: torch.Tensor, keep: int) -> int:
-        """Score ``alive`` classes on ``pairs``; write into ``table``; return the pairs done."""
+                   table: torch.Tensor, keep: int) -> tuple[int, int, list[int]]:
+        """Score ``alive`` classes on ``pairs``; return (pairs done, evaluations, classes still alive).
+
+        Without racing all pairs are scored at once. With racing they are scored ``check_every``
+        at a time and :meth:`_race` drops classes between rounds; the stage ends once no more
+        than ``keep`` classes are left (the remaining pairs go to the next stage).
+        """
+        step = self.check_every if self._z is not None else max(1, len(pairs))
+        done = used = 0
+        while done < len(pairs) and (self._z is None or len(alive) > keep):
+            chunk = pairs[done: done + step]
+            self._score(x0, noise, chunk, alive, table)
+            done, used = done + len(chunk), used + len(chunk) * len(alive)
+            if self._z is not None:
+                alive = self._race(table, alive)
+        return done, used, alive
+
+    def _score(self, x0: torch.Tensor, noise: torch.Tensor, pairs: list[int], alive: list[int],
+               table: torch.Tensor) -> None:
+        """Denoising errors of every (pair, alive class) into ``table``, in batches of ``max_batch`` rows."""
         bb, dev = self.backbone, self.backbone.device
         P, Ka = len(pairs), len(alive)
         pair_ids = torch.tensor(pairs, device=dev)
@@ -411,17 +572,15 @@ class DiffusionClassifier:
         t = self.t_of_pair[pair_ids]
         x0e = x0.unsqueeze(0).expand(P, *x0.shape)
         eps = noise[pair_ids]
-        x_t = bb.add_noise(x0e, eps, t).to(bb.dtype)  # every noisy input of the stage, built once
+        x_t = bb.add_noise(x0e, eps, t).to(bb.dtype)  # every noisy input of the round, built once
         target = bb.target(x0e, eps, t)  # fp32
         cond = self.cond.select(cls_ids)
         # rows pair-major: row r = (pair r // Ka, class r % Ka); classes of a pair share x_t
         row_pair = torch.arange(P, device=dev).repeat_interleave(Ka)
         row_cls = torch.arange(Ka, device=dev).repeat(P)
-        R, B = P * Ka, self.max_batch
-        if self.early_stop is not None:  # whole pairs per batch, so every check sees complete pairs
-            B = max(Ka, B // Ka * Ka)
-        out = torch.full((R,), float("nan"), device=dev)
-        done_pairs = P
+        R = P * Ka
+        B = min(self.max_batch, R)  # a racing round smaller than max_batch runs as one call
+        out = torch.empty((R,), device=dev)
         for r0 in range(0, R, B):
             r1 = min(R, r0 + B)
             rp, rc = row_pair[r0:r1], row_cls[r0:r1]
@@ -431,42 +590,50 @@ class DiffusionClassifier:
                 rc = torch.cat([rc, rc[:1].expand(B - n)])
             pred = bb.predict(x_t[rp], t[rp], cond.select(rc))
             out[r0:r1] = per_sample_loss(pred[:n].float(), target[rp[:n]], self.schedule.loss)
-            if self.early_stop is not None and keep < Ka and r1 < R:
-                if self._decided(table, out, pair_ids, cls_ids, r1 // Ka, keep):
-                    done_pairs = r1 // Ka
-                    break
-        table[cls_ids.unsqueeze(1), pair_ids[:done_pairs].unsqueeze(0)] = out[: done_pairs * Ka].view(done_pairs, Ka).T
-        return done_pairs
+        table[cls_ids.unsqueeze(1), pair_ids.unsqueeze(0)] = out.view(P, Ka).T
 
-    def _decided(self, table: torch.Tensor, out: torch.Tensor, pair_ids: torch.Tensor, cls_ids: torch.Tensor,
-                 complete: int, keep: int) -> bool:
-        """Paired z-test between the last survivor and the first eliminated class so far."""
-        Ka = len(cls_ids)
-        sub = table[cls_ids].clone()
-        sub[:, pair_ids[:complete]] = out[: complete * Ka].view(complete, Ka).T
-        valid = ~torch.isnan(sub[0])
-        if int(valid.sum()) < 8:
-            return False
+    def _race(self, table: torch.Tensor, alive: list[int]) -> list[int]:
+        """Drop every alive class whose paired bound says it is worse than the current leader.
+
+        For class c and the leader l (lowest weighted mean over their shared pairs), with
+        d = e_c - e_l per pair: drop c when mean(d) > z * se(d), se the paired standard error
+        with the finite-population correction sqrt((N - n) / (N - 1)) for n of the N grid pairs
+        sampled without replacement (Cochran 1977, Sampling Techniques, eq. 2.12); at n = N it
+        is exact (the full-grid comparison). Nothing is dropped before ``min_pairs`` pairs.
+        """
+        if len(alive) < 2:
+            return alive
+        ids = torch.tensor(alive, device=table.device)
+        e = table[ids]
+        valid = ~torch.isnan(e[0])
+        n = int(valid.sum())
+        if n < self.min_pairs:
+            return alive
         w = self.w_of_pair[valid]
-        e = sub[:, valid]
-        mean = (e * w).sum(1) / w.sum()
-        order = mean.argsort()
-        d = e[order[keep]] - e[order[keep - 1]]
-        dbar = (d * w).sum() / w.sum()
-        se = ((w.square() * (d - dbar).square()).sum()).sqrt() / w.sum()
-        return bool(dbar > self.early_stop * se.clamp_min(1e-12))
+        e = e[:, valid]
+        W = w.sum()
+        lead = int(((e * w).sum(1) / W).argmin())
+        d = e - e[lead]
+        dbar = (d * w).sum(1) / W
+        var = (w.square() * (d - dbar[:, None]).square()).sum(1) / W.square() * (n / max(1, n - 1))
+        N = self._population
+        se = (var * max(0.0, (N - n) / max(1, N - 1))).sqrt()
+        drop = (dbar > self._z * se).tolist() if math.isfinite(self._z) else [False] * len(alive)
+        return [a for i, a in enumerate(alive) if i == lead or not drop[i]]
 
     def _prediction(self, table: torch.Tensor, reached: list[int], evals: int, stages: list[dict[str, Any]]) -> Prediction:
         mean = self._mean(table).cpu()
         counts = (~torch.isnan(table)).sum(1).cpu()
-        order = sorted(range(len(self.classes)), key=lambda k: (-reached[k], float(mean[k])))
+        cand = [k for k in range(len(self.classes)) if reached[k] >= 0]
+        # later stage first, then more pairs (racing drops a class mid-stage), then lower error
+        order = sorted(cand, key=lambda k: (-reached[k], -int(counts[k]), float(mean[k])))
         # gap of class k: its mean error minus the top class's over k's own pairs (the top class
-        # took part in every stage, so it was scored on all of them). Elimination guarantees gap >= 0.
+        # took part in every round, so it was scored on all of them).
         diff = table - table[order[0]]
         w = self.w_of_pair.unsqueeze(0) * ~torch.isnan(diff)
         gaps = ((torch.nan_to_num(diff) * w).sum(1) / w.sum(1).clamp_min(1e-30)).cpu().double()[order]
         if self.temperature == "auto":
-            tau = self._auto_temperature(table, order[0], order[1], float(mean[order[0]]))
+            tau = self._auto_temperature(table, order[0], order[1], float(mean[order[0]])) if len(order) > 1 else 1.0
         else:
             tau = float(self.temperature)
         scores = softmax_scores(gaps, tau)
@@ -487,5 +654,6 @@ class DiffusionClassifier:
 
 __all__ = [
     "DiffusionClassifier", "Prediction", "Schedule", "LOSSES", "check_class_names", "class_labels_for",
-    "compile_denoiser", "fit_temperature", "per_sample_loss", "softmax_scores", "spread_order", "timestep_weights",
+    "compile_denoiser", "fit_temperature", "fit_timestep_weights", "per_sample_loss", "poly_weights", "racing_threshold", "softmax_scores", "spread_order",
+    "stratified_order", "timestep_weights",
 ]

@@ -10,10 +10,16 @@ AP on that test set (DiffusionForensics).
 
 What difffeat does differently, and why:
 
-* Maps are computed from decoded pixels in fp32 and quantised to 8 bits once
-  (:func:`quantize`), exactly what :func:`save_dire` writes losslessly as PNG, so a
-  classifier sees the same numbers whether maps come from memory or disk. The reference
-  code writes each map in its *input's* file format, so JPEG reals get JPEG maps and PNG
+* The reference is ``compute_dire.py`` (guided-diffusion with ``--timestep_respacing
+  ddim20 --use_ddim True``, ``clip_denoised=True``). ``DireSettings()`` reproduces it:
+  the ``guided-diffusion`` inversion pairing of :mod:`difffeat.heads.ddim`, the
+  reference's ``center_crop_arr`` preprocessing (``resize: guided-diffusion``, which also
+  upsamples images smaller than the input size, as the reference does) and its uint8
+  cast of ``|x - x̂| * 255/2`` (a floor, :func:`quantize`). ``pairing: diffusers`` and
+  ``resize: resize`` (one bicubic step; refuses small images) are named deviations.
+* Maps are quantised to 8 bits once, exactly what :func:`save_dire` writes losslessly as
+  PNG, so a classifier sees the same numbers whether maps come from memory or disk. The
+  reference code writes each map in its *input's* file format, so JPEG reals get JPEG maps and PNG
   fakes PNG maps, and its released classifier separates the two by that alone (DIRE
   issues #30/#41); see ``docs/detect.md``.
 * Latent models (SD): the image is encoded once (posterior mean), the latent is inverted
@@ -52,24 +58,30 @@ from difffeat.errors import BadInputError
 from difffeat.io import atomic_path, json_default, pil_to_tensor, save_json, save_png
 
 from .checkpoint import read_checkpoint, read_tensors, write_checkpoint
-from .ddim import SPACINGS, check_ddim_support, default_conditioning, invert_and_reconstruct
+from .ddim import SPACINGS, check_ddim_support, check_pairing, default_conditioning, invert_and_reconstruct
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_POLICIES = ("resize", "crop")
+RESIZE_POLICIES = ("guided-diffusion", "resize", "crop")
 
 
 # --------------------------------------------------------------------------- inputs
-def fit_square(img: Image.Image, size: int, policy: str = "resize") -> Image.Image:
+def fit_square(img: Image.Image, size: int, policy: str = "guided-diffusion") -> Image.Image:
     """A ``size``² square from the image centre.
 
-    ``resize``: scale the short side to ``size`` (bicubic), then centre-crop (DIRE's input).
-    ``crop``: centre-crop only, no resampling (AEROBLADE: resampling erases AE traces).
-    Raises :class:`BadInputError` when the image is smaller than ``size``: upsampling would
-    make any image smooth, hence "easy to reconstruct", hence fake-looking.
+    ``guided-diffusion``: DIRE's input, guided-diffusion's ``center_crop_arr``
+    (image_datasets.py): halve with BOX while the short side is >= 2·size, resize the
+    short side to ``size`` (bicubic; this upsamples smaller images), centre-crop.
+    ``resize``: one bicubic resize of the short side to ``size``, then centre-crop.
+    ``crop``: centre-crop only, no resampling.
+    ``resize`` and ``crop`` raise :class:`BadInputError` when the image is smaller than
+    ``size``: upsampling makes any image smooth, hence "easy to reconstruct", hence
+    fake-looking.
     """
     if policy not in RESIZE_POLICIES:
         raise BadInputError(f"unknown resize policy {policy!r}; valid: {', '.join(RESIZE_POLICIES)}")
+    if policy == "guided-diffusion":
+        return _center_crop_arr(img, size)
     w, h = img.size
     if min(w, h) < size:
         raise BadInputError(
@@ -84,20 +96,32 @@ def fit_square(img: Image.Image, size: int, policy: str = "resize") -> Image.Ima
     return img.crop((left, top, left + size, top + size))
 
 
+def _center_crop_arr(img: Image.Image, size: int) -> Image.Image:
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 # --------------------------------------------------------------------------- DIRE maps
 @dataclass(frozen=True)
 class DireSettings:
-    """How DIRE maps are computed (a preset's ``dire:`` section)."""
+    """How DIRE maps are computed (a preset's ``dire:`` section); the defaults are DIRE's
+    ``compute_dire.py`` with ``ddim20`` and ``clip_denoised=True``."""
 
     steps: int = 20
     spacing: str = "leading"
     resolution: int = 256
-    resize: str = "resize"
-    clip_x0: bool = False
+    resize: str = "guided-diffusion"
+    clip_x0: bool = True
+    pairing: str = "guided-diffusion"
     prompt: str = ""
     max_batch: int = 16
 
     def __post_init__(self) -> None:
+        check_pairing(self.pairing)
         if self.spacing not in SPACINGS:
             raise BadInputError(f"unknown DDIM spacing {self.spacing!r}; valid: {', '.join(SPACINGS)}")
         if self.resize not in RESIZE_POLICIES:
@@ -135,9 +159,12 @@ class DireOutput:
         return None if self.latent is None else self.latent.mean(dim=(1, 2, 3))
 
 
-def quantize(maps: torch.Tensor) -> torch.Tensor:
-    """Round maps in [0,1] to the 8-bit grid a PNG stores (so memory and disk agree)."""
-    return torch.round(maps.clamp(0, 1) * 255) / 255
+def quantize(err255: torch.Tensor) -> torch.Tensor:
+    """Errors in grey levels -> maps in [0,1] on the 8-bit grid a PNG stores.
+
+    A floor, as the reference's ``(dire * 255 / 2).clamp(0, 255).to(uint8)`` (compute_dire.py).
+    """
+    return torch.floor(err255.clamp(0, 255)) / 255
 
 
 def check_resolution(bb: DiffusionBackbone, resolution: int) -> None:
@@ -150,7 +177,8 @@ def compute_dire(bb: DiffusionBackbone, images: torch.Tensor, settings: DireSett
     """DIRE maps of ``images`` ([B,3,H,W] in [0,1]) with DDIM inversion + reconstruction.
 
     Pixel models invert 2x-1 directly; latent models invert the VAE posterior mean and
-    decode. The ODE state stays in fp32; only the denoiser runs in ``bb.dtype``.
+    decode. The ODE state stays in fp32; only the denoiser runs in ``bb.dtype``. Each
+    image costs ``2 * settings.steps`` denoiser calls.
     """
     check_ddim_support(bb)
     if images.dim() != 4 or images.shape[1] != 3:
@@ -161,9 +189,14 @@ def compute_dire(bb: DiffusionBackbone, images: torch.Tensor, settings: DireSett
     x = images.float().to(bb.device)
     z = x * 2 - 1 if bb.vae is None else bb.encode(x)[0].float()
     cond = default_conditioning(bb, z, settings.prompt)
-    z_hat = invert_and_reconstruct(bb, z, settings.steps, cond, settings.clip_x0, settings.max_batch, settings.spacing)
-    recon = ((z_hat + 1) / 2).clamp(0, 1) if bb.vae is None else bb.decode(z_hat).float()
-    maps = quantize((x - recon).abs())
+    z_hat = invert_and_reconstruct(bb, z, settings.steps, cond, settings.clip_x0, settings.max_batch, settings.spacing,
+                                   settings.pairing)
+    if bb.vae is None:  # as the reference: |x - x̂| in [-1, 1] units * 255/2, x̂ unclamped
+        recon, err255 = ((z_hat + 1) / 2).clamp(0, 1), (z - z_hat).abs() * 127.5
+    else:
+        recon = bb.decode(z_hat).float()
+        err255 = (x - recon).abs() * 255
+    maps = quantize(err255)
     latent = None if bb.vae is None else (z - z_hat).abs().cpu()
     return DireOutput(maps.cpu(), recon.cpu(), latent)
 
@@ -378,7 +411,9 @@ def save_detector(folder: str | os.PathLike, config: Mapping[str, Any], module: 
 
 def read_detector_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a detector checkpoint folder (or of a file in it)."""
-    return read_checkpoint(folder, STEM, FORMAT, "detector", "; make one with `difffeat train dire`")
+    from difffeat.validate import DETECTOR_SCHEMA
+
+    return read_checkpoint(folder, STEM, FORMAT, "detector", "; make one with `difffeat train dire`", DETECTOR_SCHEMA)
 
 
 def load_detector_weights(folder: str | os.PathLike, module: nn.Module) -> nn.Module:

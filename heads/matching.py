@@ -114,6 +114,23 @@ def sample_descriptors(feats: torch.Tensor, points: torch.Tensor, image_size: Si
     return out.squeeze(-1).transpose(1, 2)
 
 
+SRC_READS: tuple[str, ...] = ("bilinear", "cell")
+
+
+def read_source(feats: torch.Tensor, points: torch.Tensor, image_size: Size, how: str = "bilinear") -> torch.Tensor:
+    """Source descriptors ``[B, N, C]`` at ``points [B, N, 2]``: bilinear, or the containing cell."""
+    if how == "bilinear":
+        return sample_descriptors(feats, points, image_size)
+    if how != "cell":
+        raise one_of("source read", how, SRC_READS)
+    h, w = feats.shape[-2:]
+    cx = (points[..., 0] * w / image_size[1]).floor().long().clamp(0, w - 1)
+    cy = (points[..., 1] * h / image_size[0]).floor().long().clamp(0, h - 1)
+    flat = feats.flatten(2)  # [B, C, h*w]
+    idx = (cy * w + cx).unsqueeze(1).expand(-1, flat.shape[1], -1)
+    return flat.gather(2, idx).transpose(1, 2)
+
+
 def upsampled_sq_norms(feats: torch.Tensor, size: Size, channel_chunk: int = 64) -> torch.Tensor:
     """``[B, H, W]`` squared norms of the vectors of ``feats`` bilinearly upsampled to ``size``.
 
@@ -182,10 +199,13 @@ def window_soft_argmax(scores: torch.Tensor, *, radius: int = GEOAWARE_WINDOW_RA
                        temperature: float = GEOAWARE_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
     """GeoAware-SC window soft-argmax of ``[..., h, w]`` maps.
 
-    Takes the hard argmax, then the softmax(score / temperature)-weighted mean position
-    over the ``(2 * radius + 1)^2`` window around it (cells outside the map are left
-    out). Returns (``[..., 2]`` float ``(x, y)`` in score-map cells, the hard max score).
-    ``radius=0`` is the hard argmax.
+    As the release (``utils/utils_correspondence.py`` ``get_flow`` + ``soft_argmax``): take the
+    hard argmax, multiply the map by a mask that is 1 on the ``(2 * radius + 1)^2`` window
+    around it (clamped to the map) and 0 elsewhere, then take the softmax(score / temperature)
+    -weighted mean position over the **whole** map, so cells outside the window count with
+    score 0 (negligible at realistic similarities, a pull towards the map centre at low ones).
+    Returns (``[..., 2]`` float ``(x, y)`` in score-map cells, the hard max score).
+    ``radius=0`` is the hard argmax only when the max score is well above 0.
     """
     if radius < 0 or temperature <= 0:
         raise BadInputError(f"window soft-argmax needs radius >= 0 and temperature > 0, got {radius}, {temperature}")
@@ -199,10 +219,16 @@ def window_soft_argmax(scores: torch.Tensor, *, radius: int = GEOAWARE_WINDOW_RA
     py = cy.unsqueeze(-1) + dy.flatten()
     inside = (px >= 0) & (px < w) & (py >= 0) & (py < h)
     gathered = flat.gather(-1, (py.clamp(0, h - 1) * w + px.clamp(0, w - 1)))
-    logits = (gathered - best.unsqueeze(-1)) / temperature
-    weights = torch.softmax(logits.masked_fill(~inside, float("-inf")), dim=-1)
-    xy = torch.stack([(weights * px).sum(-1), (weights * py).sum(-1)], dim=-1)
-    return xy.to(torch.float32), best
+    top = best.clamp_min(0).unsqueeze(-1)  # the largest logit over the whole (zero-filled) map
+    win = torch.exp((gathered - top) / temperature) * inside
+    rest = torch.exp(-top / temperature)  # each cell outside the window (score 0)
+    n_out = h * w - inside.sum(-1, keepdim=True)
+    sx_out = h * (w - 1) * w / 2 - (px * inside).sum(-1, keepdim=True)
+    sy_out = w * (h - 1) * h / 2 - (py * inside).sum(-1, keepdim=True)
+    z = win.sum(-1, keepdim=True) + rest * n_out
+    x = ((win * px).sum(-1, keepdim=True) + rest * sx_out) / z
+    y = ((win * py).sum(-1, keepdim=True) + rest * sy_out) / z
+    return torch.cat([x, y], dim=-1).to(torch.float32), best
 
 
 # ------------------------------------------------------------------ nearest neighbours
@@ -355,7 +381,7 @@ def match_points(src_feats: torch.Tensor, tgt_feats: torch.Tensor, src_points: t
                  src_size: Size, tgt_size: Size, metric: Metric = "cosine", mode: str = "argmax",
                  upsample: bool = True, window_radius: int = GEOAWARE_WINDOW_RADIUS,
                  temperature: float = GEOAWARE_TEMPERATURE, mutual_radius: float | None = None,
-                 query_chunk: int = 64) -> PointMatches:
+                 query_chunk: int = 64, src_read: str = "bilinear") -> PointMatches:
     """Find the target location of each source point.
 
     ``src_feats [C, hs, ws]`` / ``tgt_feats [C, ht, wt]`` (or batched ``[B, ...]`` with
@@ -372,6 +398,10 @@ def match_points(src_feats: torch.Tensor, tgt_feats: torch.Tensor, src_points: t
     ``upsample=True`` scores every target *pixel* (feature maps bilinearly upsampled to
     the image size, sub-patch precision as in DIFT); ``False`` scores feature cells and
     reports cell centres.
+
+    ``src_read``: ``bilinear`` reads the source descriptor at the point (DIFT: the upsampled
+    map at the pixel); ``cell`` takes the cell containing it, ``floor(x * w / W)`` (SD-DINO
+    ``pck_spair_pascal.py`` and GeoAware-SC ``kpts_to_patch_idx``).
     """
     if mode not in POINT_MODES:
         raise one_of("matching mode", mode, POINT_MODES)
@@ -384,7 +414,7 @@ def match_points(src_feats: torch.Tensor, tgt_feats: torch.Tensor, src_points: t
     sp = (src_points if batched else src_points.unsqueeze(0)).float().to(sf.device)
     if sf.shape[1] != tf.shape[1]:
         raise BadInputError(f"descriptor sizes differ: source {sf.shape[1]} channels, target {tf.shape[1]}")
-    queries = sample_descriptors(sf, sp, src_size)
+    queries = read_source(sf, sp, src_size, src_read)
     loc = "soft" if mode == "soft" else "argmax"
     opts = dict(metric=metric, upsample=upsample, radius=window_radius, temperature=temperature,
                 query_chunk=query_chunk)

@@ -114,7 +114,9 @@ def _fit_sklearn(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max
 
 def _fit_torch(z: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, max_iter: int,
                device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from difffeat.distributed import resolve_device
+
+    dev = resolve_device(device)
     z, y = z.to(dev), y.to(dev)
     n = z.shape[0]
     w = torch.zeros(n_classes, z.shape[1], device=dev, requires_grad=True)
@@ -235,7 +237,9 @@ class ProbeClassifier:
     def load(cls, path: str | Path, expect_backbone: Mapping[str, Any] | None = None) -> "ProbeClassifier":
         """Read a probe folder; ``expect_backbone`` (preset/layers/timesteps) must match or
         :class:`CheckpointMismatchError` is raised."""
-        config = read_checkpoint(path, STEM, FORMAT, "probe")
+        from difffeat.validate import PROBE_SCHEMA
+
+        config = read_checkpoint(path, STEM, FORMAT, "probe", schema=PROBE_SCHEMA)
         if expect_backbone is not None:
             check_backbone(config, expect_backbone, where=str(path))
         t = read_tensors(path, STEM, "probe")

@@ -42,8 +42,9 @@ from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
 )
 from difffeat.heads.probe_cls import ProbeClassifier, accuracy, pool_features
-from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_device, rank_share
-from difffeat.io import FolderRun, atomic_path, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.distributed import DistInfo, dist_info
+from difffeat.io import FolderRun, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.runner import CsvSink, Job, output_guard, run
 
 CSV_FIELDS = ["image", "top1", "score", "topk"]
 
@@ -67,7 +68,45 @@ def classify_preset(name: str) -> dict[str, Any]:
     """The raw YAML of a classify method preset, by name (``dc-cifar10``) or short name (``cifar10``)."""
     from difffeat.registry import task_preset
 
-    return task_preset(name, "classify", prefix="dc-").raw
+    raw = dict(task_preset(name, "classify", prefix="dc-").raw)
+    if raw.get("base"):  # a -fast preset: the paper preset it races, plus its own settings
+        base = classify_preset(str(raw["base"]))
+        raw["classifier"] = {**(base.get("classifier") or {}), **(raw.get("classifier") or {})}
+        raw["extract"] = {**(base.get("extract") or {}), **(raw.get("extract") or {})}
+    return raw
+
+
+def read_prompts_file(path: Path) -> dict[str, str]:
+    """Per-class prompts from a CSV with ``prompt`` and ``classname`` columns (the reference's
+    ``prompts/*.csv`` format; other columns are ignored), in file order. A repeated class name
+    (the reference's ImageNet CSV has two ``missile`` and two ``sunglasses`` classes, with the
+    same prompt) becomes ``"name (classidx)"`` so that every class has its own name."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"prompts file not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"prompt", "classname"} <= set(reader.fieldnames):
+            raise BadInputError(f"{path}: a prompts file needs 'prompt' and 'classname' columns, got {reader.fieldnames}")
+        out: dict[str, str] = {}
+        for row in reader:
+            name = str(row["classname"]).strip()
+            if name in out:
+                name = f"{name} ({row.get('classidx') or len(out)})"
+            if name in out:
+                raise BadInputError(f"{path}: class {name!r} appears twice")
+            out[name] = str(row["prompt"]).strip()
+    if len(out) < 2:
+        raise BadInputError(f"{path}: a prompts file needs at least two classes")
+    return out
+
+
+def class_prompts(names: Sequence[str], table: dict[str, str] | None, template: str) -> list[str]:
+    """One prompt per class: from ``table`` (exact name, else by :func:`norm_name`), else the template."""
+    if not table:
+        return [template.format(n) for n in names]
+    by_norm = {norm_name(k): v for k, v in table.items()}
+    return [table.get(n) or by_norm.get(norm_name(n)) or template.format(n) for n in names]
 
 
 def center_crop_tensor(img: Image.Image, size: int) -> torch.Tensor:
@@ -112,28 +151,26 @@ def folder_to_class(folders: Sequence[str], classes: Sequence[str]) -> dict[str,
 
 
 # ---------------------------------------------------------------- CSV
+def _valid_row(row: dict[str, str]) -> bool:
+    try:
+        return bool(row.get("image")) and isinstance(json.loads(row.get("topk") or ""), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def csv_sink(path: Path) -> CsvSink:
+    """The predictions CSV as a crash-safe sink (see :class:`difffeat.runner.CsvSink`)."""
+    return CsvSink(path, CSV_FIELDS, "image", valid=_valid_row)
+
+
 def read_csv(path: Path) -> dict[str, dict[str, str]]:
-    """Rows of an existing predictions CSV keyed by image (malformed lines are ignored)."""
-    if not path.exists():
-        return {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != CSV_FIELDS:
-            raise BadInputError(f"{path} is not a difffeat classify CSV (columns {reader.fieldnames}); choose another -o")
-        return {r["image"]: r for r in reader if r.get("topk") and r.get("image")}
+    """Rows of an existing predictions CSV keyed by image (cut or malformed lines are ignored)."""
+    return csv_sink(path).rows()
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row (writing the header first if the file is new) and flush it to disk."""
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
+    csv_sink(path).append(row)
 
 
 def make_row(image: str, ranked: Sequence[tuple[Any, ...]], score: float, topk: int) -> dict[str, Any]:
@@ -152,8 +189,11 @@ def zero_shot_predictor(clf: DiffusionClassifier, resolution: int) -> Predictor:
     def predict(images: list[Image.Image]) -> list[tuple[list[tuple[Any, ...]], float]]:
         x = torch.stack([center_crop_tensor(im, resolution) for im in images])
         preds = clf(x, keys=[image_key(xi) for xi in x])
+        evals.extend(p.unet_evals for p in preds)
         return [(list(zip(p.classes, p.errors, p.gaps)), p.score) for p in preds]
 
+    evals: list[int] = []
+    predict.evals = evals  # type: ignore[attr-defined]  # denoiser evaluations per classified image
     return predict
 
 
@@ -198,56 +238,40 @@ def model_id(model: str) -> str:
 
 # ---------------------------------------------------------------- the run
 def run_classify(images: Path, out: Path, predict: Predictor, batch_size: int, topk: int,
-                 overwrite: bool, files: list[Path] | None = None) -> FolderRun:
-    """Classify every image not yet in ``out``; append one CSV row per image.
+                 overwrite: bool, files: list[Path] | None = None, max_side: int | None = None) -> FolderRun:
+    """Classify every image not yet in ``out``; append one CSV row per image (the one folder runner).
 
-    Under torchrun / accelerate launch each rank classifies its share of the images
-    (:func:`~difffeat.distributed.rank_share`) into ``OUT.rankR-of-N.csv``; the rank that
-    finds every image classified merges the parts into ``out`` in image order (see
-    :func:`merge_rank_csvs`), so the file is the same as a one-process run's.
+    Rows are appended (and fsync'd) as images finish, so a kill loses at most the batch in
+    flight; a cut last line is dropped and that image redone. A finished run rewrites the CSV
+    atomically with each image once, in image order. Under torchrun / accelerate launch each
+    rank classifies its share (strided batches) into ``OUT.rankR-of-N.csv``; the rank that
+    finds every image classified merges the parts into ``out`` (:func:`merge_rank_csvs`), so
+    the file is the same as a one-process run's.
     """
     files = files if files is not None else list_images(images)
     info = dist_info()
-    if overwrite and out.exists() and info.is_main:
-        out.unlink()
-    mine = rank_share(files, batch_size, info)
     part = rank_csv(out, info) if info.world_size > 1 else out
-    if overwrite and part.exists():
-        part.unlink()
-    done = {**read_csv(out), **read_csv(part)}
-    todo = [f for f in mine if str(f) not in done]
-    run = FolderRun(echo=lambda m: tqdm.write(m))
-    run.skipped = len(mine) - len(todo)
-    if run.skipped and info.is_main:
-        tqdm.write(f"resuming: {run.skipped} of {len(mine)} images already in {out} (use --overwrite to redo)")
-    bar = progress_bar(len(todo), "classify", info)
-    batch: list[tuple[Path, Image.Image]] = []
+    with output_guard(out, info, is_file=True):
+        if overwrite:
+            for p in {out, part} if info.is_main else {part}:
+                p.unlink(missing_ok=True)
+        sink = csv_sink(part)
+        sink.repair()
+        done = set(read_csv(out)) | set(sink.rows())
 
-    def flush() -> None:
-        if not batch:
-            return
-        with run.item(batch[0][0]):
+        def process(batch: list[tuple[Path, Image.Image]]) -> None:
             results = predict([im for _, im in batch])
             for (path, _), (ranked, score) in zip(batch, results):
-                append_row(part, make_row(str(path), ranked, score, topk))
-            run.done += len(batch) - 1  # run.item counts one
-        bar.update(len(batch))
-        batch.clear()
+                if str(path) not in done:
+                    sink.append(make_row(str(path), ranked, score, topk))
 
-    for f in todo:
-        try:
-            batch.append((f, load_image(f)))
-        except DiffFeatError as e:
-            run.fail(f, str(e))
-            bar.update(1)
-            continue
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    if info.world_size > 1:
-        run.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
-    return run
+        job = Job(files, process, done=lambda f: str(f) in done, load=lambda f: (f, load_image(f, max_side=max_side)))
+        res = run(job, batch_size=batch_size, overwrite=overwrite, desc="images", info=info, lock=False)
+        if info.world_size > 1:
+            res.merged = merge_rank_csvs(out, files, info.world_size)  # type: ignore[attr-defined]
+        else:
+            csv_sink(out).compact([str(f) for f in files])
+    return res
 
 
 def rank_csv(out: Path, info: DistInfo) -> Path:
@@ -273,12 +297,7 @@ def merge_rank_csvs(out: Path, files: Sequence[Path], world_size: int) -> bool:
             except DiffFeatError:
                 continue  # reported by the rank that owns it
             return False
-    with atomic_path(out) as tmp:
-        for f in files:
-            if str(f) in rows:
-                append_row(tmp, {k: rows[str(f)][k] for k in CSV_FIELDS})
-    for p in parts:
-        p.unlink(missing_ok=True)
+    csv_sink(out).compact([str(f) for f in files], parts)
     return True
 
 
@@ -363,7 +382,12 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 @click.option("--loss", type=click.Choice(["l2", "l1", "huber"]), default=None)
 @click.option("--trials", type=int, default=None, help="Noise draws per timestep (default 1).")
 @click.option("--t-weights", default=None, help="Timestep weights: uniform, range:A-B, or a JSON file of T numbers.")
-@click.option("--early-stop", type=float, default=None, help="End a stage when the survivors' z-score margin exceeds this (deviation; off by default).")
+@click.option("--early-stop", type=float, default=None, help="Racing with a fixed z threshold instead of --delta (deviation; off by default).")
+@click.option("--delta", type=float, default=None, help="Sequential schedule: drop a class once it is worse than the leader at error rate DELTA (the -fast presets; 0 = the paper's schedule).")
+@click.option("--check-every", type=int, default=None, help="Sequential schedule: pairs per class between two racing checks (default 8).")
+@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="Per-class prompts: a CSV with prompt,classname columns (the reference's prompts/*.csv).")
+@click.option("--hierarchy", type=click.Path(path_type=Path), default=None, help="HDC: a class tree (JSON) whose leaves are the classes; prune level by level (docs/classify.md).")
+@click.option("--hierarchy-keep", default="5", show_default=True, help="HDC: nodes kept per level (one number, or one per level: '10,5,3').")
 @click.option("--temperature", default=None, help="Score temperature (a number, e.g. one fitted by --eval) or 'auto'.")
 @click.option("--topk", type=int, default=5, show_default=True, help="Classes listed in the topk column.")
 @click.option("--probe", "probe_path", type=click.Path(path_type=Path), default=None, help="Apply a probe from `difffeat train probe` instead.")
@@ -373,6 +397,8 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
 @click.option("--max-batch", type=int, default=32, show_default=True, help="Denoiser rows per call.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoiser (static batch shapes).")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]), default="default",
+              show_default=True, help="torch.compile mode; reduce-overhead adds CUDA graphs (one per batch shape).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--random-weights", is_flag=True, hidden=True, help="Random weights (speed tests only).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Predictions CSV (appended, resumable).")
@@ -380,12 +406,13 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 @click.option("--overwrite", is_flag=True, help="Start the CSV over.")
 def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, model: str | None, preset: str | None,
                  template: str | None, n_samples: str | None, to_keep: str | None, loss: str | None, trials: int | None,
-                 t_weights: str | None, early_stop: float | None, temperature: str | None, topk: int,
+                 t_weights: str | None, early_stop: float | None, delta: float | None, check_every: int | None,
+                 prompts_file: Path | None, hierarchy: Path | None, hierarchy_keep: str, temperature: str | None,
+                 topk: int,
                  probe_path: Path | None, probe_kind: str, resolution: int | None, dtype: str | None, device: str | None,
-                 max_batch: int, compile_: bool, seed: int, random_weights: bool, out: Path, evaluate: bool,
-                 overwrite: bool) -> None:
+                 max_batch: int, compile_: bool, compile_mode: str, seed: int, random_weights: bool, out: Path,
+                 evaluate: bool, overwrite: bool) -> None:
     """Classify IMAGES zero-shot (Diffusion Classifier) or with a trained probe; write a CSV."""
-    device = rank_device(device)
     files, labels = labelled_images(images) if evaluate else (list_images(images), [])
     class_list = parse_classes(classes, classes_file)
     if probe_path is not None:
@@ -403,25 +430,59 @@ def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, m
                                  resolution=cfg.get("resolution"), resize=cfg.get("resize"), dtype=dtype, device=device,
                                  max_batch=max_batch, compile=compile_, random_weights=random_weights)
         predict, names, zero_shot, batch = probe_predictor(probe, ex, probe_kind), probe.classes, False, 8
+        from difffeat.pipeline import working_side
+
+        side = working_side(ex)
     else:
+        if hierarchy is not None and class_list is None:
+            from difffeat.heads.dc_hierarchy import load_tree
+
+            class_list = [n.name for n in load_tree(hierarchy).leaves()]  # the tree's leaves are the classes
         clf, res = build_zero_shot(model, preset, class_list, sorted(set(labels)) if evaluate else None, template,
                                    n_samples, to_keep, loss, trials, t_weights, early_stop, temperature, resolution,
-                                   dtype, device, max_batch, compile_, seed, random_weights)
+                                   dtype, device, max_batch, compile_, seed, random_weights, delta=delta,
+                                   check_every=check_every, prompts_file=prompts_file,
+                                   compile_mode=None if compile_mode == "default" else compile_mode)
+        if hierarchy is not None:
+            clf = hierarchical(clf, hierarchy, _ints(hierarchy_keep, "--hierarchy-keep") or (5,))
         predict, names, zero_shot, batch = zero_shot_predictor(clf, res), clf.classes, True, 1
+        side = 4 * res  # the loader may reduce huge images to >= 4x the input size
     if evaluate:
         folder_to_class(labels, names)  # fail before the run if a folder matches no class
-    run = run_classify(images, out, predict, batch, topk, overwrite, files)
+    run = run_classify(images, out, predict, batch, topk, overwrite, files, max_side=side)
     if not getattr(run, "merged", True):
         click.echo(f"rank {dist_info().rank}: {run.done} new rows; another rank merges {out}")
         run.finish("images")
         return
     click.echo(f"wrote {out}: {run.done} new, {run.skipped} already there")
+    used = getattr(predict, "evals", None)
+    if used:
+        cap = clf.schedule.unet_evals(len(clf.classes), clf.backbone.num_train_timesteps)
+        click.echo(f"denoiser evaluations per image: mean {sum(used) / len(used):.0f}, max {max(used)} "
+                   f"(the paper schedule: {cap})")
     if evaluate:
         r = evaluate_csv(out, images, files, labels, names, zero_shot)
         click.echo(f"accuracy: {100 * r['accuracy']:.2f}% ({r['correct']}/{r['total']}); confusion matrix: {r['confusion_png']}")
         if "fitted_temperature" in r:
             click.echo(f"fitted score temperature: {r['fitted_temperature']:.4g} (pass --temperature to calibrate scores)")
     run.finish("images")
+
+
+def hierarchical(flat: DiffusionClassifier, tree_path: Path, keep: Sequence[int]) -> Any:
+    """HDC over ``flat``'s settings: its leaf schedule and racing, levels on its first stage's
+    timesteps; leaf prompts from ``flat`` where a leaf of the tree is one of its classes."""
+    from difffeat.heads.dc_hierarchy import HierarchicalClassifier, load_tree
+
+    tree = load_tree(tree_path)
+    by_class = dict(zip(flat.classes, flat.prompts or []))
+    for n in tree.leaves():
+        n.prompt = n.prompt or by_class.get(n.name)
+    sch = flat.schedule
+    return HierarchicalClassifier(
+        flat.backbone, tree, keep=list(keep), level_schedule=Schedule(sch.n_samples[:1], (1,), sch.loss, sch.trials),
+        leaf_schedule=sch, weights=flat.weights, max_batch=flat.max_batch,
+        seed=flat.seed, temperature=flat.temperature, early_stop=flat.early_stop, delta=flat.delta,
+        check_every=flat.check_every, static_batches=flat.static_batches)
 
 
 def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
@@ -437,8 +498,12 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
                     template: str | None, n_samples: str | None, to_keep: str | None, loss: str | None,
                     trials: int | None, t_weights: str | None, early_stop: float | None, temperature: str | None,
                     resolution: int | None, dtype: str | None, device: str | None, max_batch: int, compile_: bool,
-                    seed: int, random_weights: bool) -> tuple[DiffusionClassifier, int]:
-    """The Diffusion Classifier the options (over the preset, over the defaults) describe, and its input size."""
+                    seed: int, random_weights: bool, delta: float | None = None, check_every: int | None = None,
+                    prompts_file: Path | None = None, compile_mode: str | None = None) -> tuple[DiffusionClassifier, int]:
+    """The Diffusion Classifier the options (over the preset, over the defaults) describe, and its input size.
+
+    Prompts: ``prompts_file`` (CSV), else the preset's per-class ``prompts``, else the template;
+    without ``classes`` the prompt file's classes are used (in file order)."""
     from difffeat.backbone import load_backbone
     from difffeat.presets import pick, precedence
     from difffeat.registry import DEFAULT_MODEL, MODELS
@@ -447,7 +512,9 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
     cfg = dict(raw.get("classifier") or {})
     extract = dict(raw.get("extract") or {})
     model = pick(model, extract.get("model"), DEFAULT_MODEL)
-    names = classes or cfg.get("classes") or ([f.replace("_", " ") for f in folders] if folders else None)
+    table = read_prompts_file(prompts_file) if prompts_file is not None else cfg.get("prompts")
+    names = classes or (list(table) if prompts_file is not None else None) or cfg.get("classes") or (
+        [f.replace("_", " ") for f in folders] if folders else None)
     if names is None:
         raise BadInputError("empty class list: give --classes 'a,b,...' or --classes-file FILE (one class per line)")
     names = check_class_names([str(n) for n in names])
@@ -457,9 +524,9 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
         tk = (1,)  # one stage: score every class on every timestep
     opt = precedence(  # options over the preset over the defaults
         dict(n_samples=ns, to_keep=tk, loss=loss, trials=trials, temperature=temperature, template=template,
-             timestep_weights=t_weights, resolution=resolution),
+             timestep_weights=t_weights, resolution=resolution, check_every=check_every),
         {**cfg, "resolution": extract.get("resolution")},
-        dict(n_samples=default.n_samples, to_keep=default.to_keep, loss=default.loss, trials=1,
+        dict(n_samples=default.n_samples, to_keep=default.to_keep, loss=default.loss, trials=1, check_every=8,
              template="a photo of a {}.", resolution=MODELS[model].resolution if model in MODELS else None))
     schedule = Schedule(n_samples=tuple(opt["n_samples"]), to_keep=tuple(opt["to_keep"]), loss=opt["loss"],
                         trials=int(opt["trials"]))
@@ -477,13 +544,18 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
     res = int(res)
     if res % bb.size_multiple:
         raise BadInputError(f"resolution {res} is not a multiple of {bb.size_multiple} for {bb.name}")
+    tpl = opt["template"]
+    if "{}" not in tpl:
+        raise BadInputError(f"prompt template {tpl!r} has no '{{}}' for the class name")
+    if delta is None and early_stop is None:
+        delta = cfg.get("delta")
     clf = DiffusionClassifier(
-        bb, names, template=opt["template"], schedule=schedule,
+        bb, names, prompts=class_prompts(names, table, tpl) if bb.text_conditioned else None, schedule=schedule,
         weights=timestep_weights(opt["timestep_weights"], bb.num_train_timesteps),
-        max_batch=max_batch, seed=seed, temperature=tau, early_stop=early_stop, static_batches=compile_,
-        image_size=(res, res))
+        max_batch=max_batch, seed=seed, temperature=tau, early_stop=early_stop, delta=delta,
+        check_every=int(opt["check_every"]), static_batches=compile_, image_size=(res, res))
     if compile_:
-        compile_denoiser(bb)
+        compile_denoiser(bb, compile_mode)
     return clf, res
 
 
@@ -509,7 +581,9 @@ def pooled_dataset(ex: Any, files: list[Path], pool: int, batch_size: int, desc:
     """Pooled features {key: [N, D]} of ``files`` and the indices that could be read."""
     feats: dict[str, list[torch.Tensor]] = {}
     kept: list[int] = []
-    bar = tqdm(total=len(files), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(files), desc)
     for b0 in range(0, len(files), batch_size):
         ims, idx = [], []
         for i in range(b0, min(len(files), b0 + batch_size)):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -42,11 +41,10 @@ import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from tqdm import tqdm
 
 from difffeat.cli import model_options, postprocess_options
-from difffeat.errors import BadInputError, DiffFeatError, one_of
-from difffeat.distributed import dist_info, rank_share
+from difffeat.errors import BadInputError, one_of
+from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_units
 from difffeat.fusion import l2_normalize, resample
 from difffeat.heads import matching as M
 from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
@@ -68,6 +66,7 @@ class MatchSettings:
     window_radius: int = M.GEOAWARE_WINDOW_RADIUS
     temperature: float = M.GEOAWARE_TEMPERATURE
     flip_test: bool = False
+    src_read: str = "bilinear"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, **overrides: Any) -> "MatchSettings":
@@ -81,11 +80,13 @@ class MatchSettings:
             raise one_of("metric", s.metric, M.METRICS)
         if s.mode not in M.POINT_MODES:
             raise one_of("matching mode", s.mode, M.POINT_MODES)
+        if s.src_read not in M.SRC_READS:
+            raise one_of("source read", s.src_read, M.SRC_READS)
         return s
 
     def point_kwargs(self) -> dict[str, Any]:
         return dict(metric=self.metric, mode=self.mode, upsample=self.upsample,
-                    window_radius=self.window_radius, temperature=self.temperature)
+                    window_radius=self.window_radius, temperature=self.temperature, src_read=self.src_read)
 
 
 @dataclass(frozen=True)
@@ -309,14 +310,15 @@ def build_pipeline(preset: str | None = "dift", *, matching: dict[str, Any] | No
                                 f"drop --{given[0].replace('_', '-')} or use a single-model preset")
 
     def factory() -> Any:  # options over the preset over the model's defaults: create's one precedence
-        from difffeat.distributed import rank_device
+        from difffeat.cli import model_with_weights
         from difffeat.factory import create
 
-        return create(p.name, model=opts["model"], layers=list(opts["layers"]) or None,
+        model = model_with_weights(opts["model"], opts.get("weights"))  # -m PRESET --weights FILE
+        return create(p.name, model=model, layers=list(opts["layers"]) or None,
                       timesteps=list(opts["timesteps"]) or None, ensemble=opts["ensemble"], prompt=opts["prompt"],
                       noise=opts["noise"], seed=opts["seed"], resolution=opts["resolution"], resize=opts["resize"],
-                      dtype=opts["dtype"], device=rank_device(opts["device"]), max_batch=opts["max_batch"],
-                      compile=opts["compile_"], **postprocess_options(**opts))
+                      dtype=opts["dtype"], device=opts["device"], max_batch=opts["max_batch"], compile=opts["compile_"],
+                      **postprocess_options(**opts))
 
     return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=opts["prompt"],
                               name=p.name, preset=p.raw, factory=factory)
@@ -495,34 +497,32 @@ def run_pairs(pipeline: CorrespondPipeline, jobs: Sequence[PairJob], out_dir: Pa
     written atomically, the JSON last. With several jobs a failing pair is reported in one
     line and the run goes on (the run then ends with an error naming the failures).
     """
+    from difffeat.runner import Job, run
+
     out_dir = Path(out_dir)
-    info = dist_info()
-    # data-parallel (torchrun): each rank takes one contiguous block of the pair list, so an
-    # image shared by neighbouring pairs is still extracted once per rank
-    jobs = rank_share(list(jobs), max(1, -(-len(jobs) // info.world_size)), info)
-    todo = [j for j in jobs if overwrite or not (out_dir / f"{j.name}.json").exists()]
-    run = FolderRun(echo=lambda m: tqdm.write(m, file=__import__("sys").stderr))
-    run.skipped = len(jobs) - len(todo)
-    if run.skipped and info.is_main:
-        tqdm.write(f"resuming: {run.skipped} of {len(jobs)} pairs already done (use --overwrite to redo)")
+    done = lambda j: (out_dir / f"{j.name}.json").exists()  # noqa: E731
+    todo = [j for j in jobs if overwrite or not done(j)]
     for j in todo:
         if j.points is None and not dense:
             raise BadInputError(f"pair {j.name} has no points; give --points, --points-file or --dense")
-    cache = FeatureCache(pipeline, [k for j in todo for k in ((j.src, j.category, False), (j.tgt, j.category, False))])
-    show = progress and len(todo) > 1 and info.is_main and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1"
-    for j in tqdm(todo, desc="pairs", unit="pair", disable=not show):
-        try:
-            _run_one(pipeline, cache, j, out_dir, dense)
-            run.done += 1
-        except DiffFeatError as e:
-            if len(todo) == 1:
-                raise
-            run.fail(j.name, f"{j.name}: {e}")
-        finally:
-            cache.release(j.src, j.category)
-            cache.release(j.tgt, j.category)
-    run.finish("pairs")
-    return run
+    mine = {id(j) for u in rank_units(list(jobs), 1, dist_info(), blocks=True) for j in u}
+    cache = FeatureCache(pipeline, [k for j in todo if id(j) in mine
+                                    for k in ((j.src, j.category, False), (j.tgt, j.category, False))])
+
+    def process(batch: list[PairJob]) -> None:
+        for j in batch:
+            try:
+                _run_one(pipeline, cache, j, out_dir, dense)
+            finally:
+                cache.release(j.src, j.category)
+                cache.release(j.tgt, j.category)
+
+    # data-parallel (torchrun): each rank takes one contiguous block of the pair list, so an
+    # image shared by neighbouring pairs is still extracted once per rank
+    res = run(Job(list(jobs), process, done=done, name=lambda j: j.name, split="blocks"), out=out_dir, batch_size=1,
+              overwrite=overwrite, desc="pairs", unit_name="pair", single_raises=True)
+    res.finish("pairs")
+    return res
 
 
 def _run_one(pipeline: CorrespondPipeline, cache: FeatureCache, j: PairJob, out_dir: Path, dense: bool) -> None:
@@ -596,9 +596,10 @@ def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair]
     cache = FeatureCache(pipeline, keys)
     flipped_pairs = 0
     sink = open(pred_path, "a", encoding="utf-8") if pred_path is not None else None
-    show = progress and os.environ.get("DIFFFEAT_NO_PROGRESS") != "1"
+    bar = progress_bar(len(todo), "pairs", DistInfo(), unit="pair", enabled=progress)
     try:
-        for p in tqdm(todo, desc="pairs", unit="pair", disable=not show):
+        for p in todo:
+            bar.update(1)
             src, tgt = cache.get(p.src_image, p.category), cache.get(p.tgt_image, p.category)
             fsrc = cache.get(p.src_image, p.category, True) if partners[p.pair_id] is not None else None
             m, used_flip = pipeline.match(src, tgt, p.src_kps, flipped_src=fsrc, partners=partners[p.pair_id])
@@ -735,9 +736,12 @@ def eval_correspond_cmd(root: Path, dataset: str, split: str, normaliser: str | 
     paper = (pipeline.preset.get("paper_results") or {}).get("spair71k" if dataset == "spair" else "pfpascal")
     if paper:
         nums = ", ".join(f"{k}: {v}" for k, v in paper.items() if k.startswith("pck"))
-        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {paper.get('averaging', 'per image')}): {nums}")
+        averaging = str(paper.get("averaging", "per image"))
+        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {averaging}): {nums}")
+        ours = summary["category_mean"] if "categor" in averaging else summary["per_image"]
+        click.echo("difffeat, same averaging: " + ", ".join(f"pck@{a}: {v:.1f}" for a, v in ours.items()))
     if out_dir is not None:
         click.echo(f"wrote {Path(out_dir) / 'pck.json'}")
     else:
-        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "pairs",
+        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "category_mean", "pairs",
                                                        "keypoints")}))

@@ -244,7 +244,8 @@ def load_pfpascal(root: str | os.PathLike, split: str = "test", *,
     """Read PF-Pascal pairs from ``<split>_pairs_pf_pascal.csv``.
 
     ``root`` is the ``PF-dataset-PASCAL`` folder, its parent, or the CSV file itself.
-    Keypoints are converted from the CSV's 1-based coordinates to 0-based ones.
+    Keypoints are used as the CSV gives them, as SD-DINO and GeoAware-SC read them (no
+    1-based -> 0-based shift; PCK there is reported in those coordinates).
     """
     csv_path = _pf_csv(Path(root), split)
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -268,8 +269,8 @@ def load_pfpascal(root: str | os.PathLike, split: str = "test", *,
         pairs.append(CorrespondencePair(
             pair_id=f"{i:06d}-{src.stem}-{tgt.stem}:{cat}",
             src_image=src, tgt_image=tgt, category=cat,
-            src_kps=torch.tensor([xa, ya], dtype=torch.float32).T - 1,
-            tgt_kps=torch.tensor([xb, yb], dtype=torch.float32).T - 1,
+            src_kps=torch.tensor([xa, ya], dtype=torch.float32).T,
+            tgt_kps=torch.tensor([xb, yb], dtype=torch.float32).T,
             src_size=image_size(src), tgt_size=image_size(tgt),
         ))
     if not pairs:
@@ -367,13 +368,18 @@ class PCKAccumulator:
         """PCK in percent: overall and per category, both averaging conventions.
 
         Pairs without keypoints are left out. Overall per-image PCK averages over all
-        pairs (not over category means), as DIFT reports it.
+        pairs (not over category means), as DIFT reports it. ``category_mean`` is PCK per
+        keypoint within each category, then averaged over the categories with equal weight:
+        SD-DINO's headline number (``pck_spair_pascal.py``: ``np.average(pcks)`` of the
+        per-category ``compute_pck``).
         """
         out = {"normaliser": self.normaliser, "alphas": list(self.alphas),
                **self._average([c for _, c in self._pairs], self.alphas)}
         cats = sorted({cat for cat, _ in self._pairs})
         out["per_category"] = {cat: self._average([c for k, c in self._pairs if k == cat], self.alphas)
                                for cat in cats}
+        scored = [v["per_keypoint"] for v in out["per_category"].values() if v["per_keypoint"]]
+        out["category_mean"] = {a: sum(d[a] for d in scored) / len(scored) for a in (scored[0] if scored else {})}
         return out
 
 
@@ -391,4 +397,6 @@ def format_pck_table(summary: dict[str, object]) -> str:
     fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     title = f"PCK (%), normaliser: {summary['normaliser']} " + (
         "(max side of the target bbox)" if summary["normaliser"] == "bbox" else "(max side of the target image)")
-    return "\n".join([title, fmt(head), *[fmt(r) for r in rows]])
+    means = summary.get("category_mean") or {}
+    tail = ["per keypoint, mean over categories: " + ", ".join(f"@{a} {means[a]:.1f}" for a in alphas if a in means)] if means else []
+    return "\n".join([title, fmt(head), *[fmt(r) for r in rows], *tail])

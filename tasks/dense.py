@@ -151,7 +151,8 @@ def _run_predictions(make: Callable[[], Any], images: Path, out_dir: Path, batch
         p = holder[0]
         maps = [p.predict_sliding(it.image, overlap, batch_size) for it in items] if sliding else p.predict([it.image for it in items])
         for it, m in zip(items, maps):
-            write(p, it, m)
+            if not it.written:
+                write(p, it, m)
 
     try:
         run = run_folder(images, out_dir, ".png", process, batch_size=batch_size, overwrite=overwrite, desc="images")
@@ -174,9 +175,12 @@ def _maker(head_path: Path, device: str | None, dtype: str | None, max_batch: in
 @click.option("--kl-threshold", type=float, default=None, help="DiffSeg merging threshold tau (default: the preset's 1.1).")
 @click.option("--anchors", type=click.IntRange(min=2), default=None, help="DiffSeg anchor grid side (default 16).")
 @click.option("--refine", is_flag=True, default=None, help="DiffSeg: the release's optional K-means refinement.")
+@click.option("--kl-precision", type=click.Choice(["release-fp16", "fp32"]), default=None,
+              help="DiffSeg first-merge precision (default: the preset's release-fp16, as the published numbers).")
 @model_options
 @_pred_options
 def segment_cmd(images: Path, head_path: Path | None, zero_shot: int | None, diffseg: bool, kl_threshold: float | None,
+                kl_precision: str | None,
                 anchors: int | None, refine: bool | None, out_dir: Path, batch_size: int,
                 sliding_window: bool, overlap: float, overwrite: bool, **opts: Any) -> None:
     """Segment every image under IMAGES: indexed PNG masks + colour overlays (original resolution)."""
@@ -188,7 +192,7 @@ def segment_cmd(images: Path, head_path: Path | None, zero_shot: int | None, dif
         _zero_shot(images, zero_shot, out_dir, batch_size, overwrite, opts)
         return
     if diffseg:
-        _diffseg(images, out_dir, batch_size, overwrite, opts, kl_threshold, anchors, refine)
+        _diffseg(images, out_dir, batch_size, overwrite, opts, kl_threshold, anchors, refine, kl_precision)
         return
     given = [k for k in ("ensemble", "prompt", "noise", "resolution", "resize") if opts.get(k) is not None]
     if given:
@@ -221,6 +225,8 @@ def _zero_shot(images: Path, k: int, out_dir: Path, batch_size: int, overwrite: 
         for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
             feats = ex(x)
             for i, it in enumerate(its):
+                if it.written:
+                    continue
                 one = {f["name"]: feats[f["name"]][i : i + 1] for f in info}
                 seg = kmeans_segment(one, info, k, out_size=(it.image.size[1], it.image.size[0]), seed=opts["seed"])
                 write_seg(it.out, seg[0].cpu().numpy(), it.image, palette)
@@ -230,8 +236,9 @@ def _zero_shot(images: Path, k: int, out_dir: Path, batch_size: int, overwrite: 
 
 
 def _diffseg(images: Path, out_dir: Path, batch_size: int, overwrite: bool, opts: dict[str, Any],
-             kl_threshold: float | None, anchors: int | None, refine: bool | None) -> None:
+             kl_threshold: float | None, anchors: int | None, refine: bool | None, kl_precision: str | None = None) -> None:
     from difffeat.heads.diffseg import diffseg_segment, self_attention_layers
+    from difffeat.io import centre_square
     from difffeat.pipeline import group_by_size, run_folder
     from difffeat.registry import get_preset
 
@@ -250,25 +257,34 @@ def _diffseg(images: Path, out_dir: Path, batch_size: int, overwrite: bool, opts
         opts.setdefault("timesteps", ())
         if not opts["timesteps"]:
             opts["timesteps"] = tuple(preset.extract["timesteps"])
+        for key in ("noise", "resize"):  # the release: clean latent, centre crop
+            opts[key] = opts.get(key) or preset.extract[key]
     if any(not name.startswith("attn.self.") for name in opts.get("layers") or ()):
         raise BadInputError("--diffseg reads self-attention maps: give layers as attn.self.LAYER (or none for all)")
     ex = extractor_from_options(**opts)
     tau = kl_threshold if kl_threshold is not None else float(cfg.get("kl_threshold", 1.1))
     side = anchors or int(cfg.get("anchors", 16))
+    precision = kl_precision or str(cfg.get("kl_precision", "fp32"))
     palette = default_palette(256)
 
     def process(items: list[Any]) -> None:
         for its, x in group_by_size(items, lambda im: ex.prepare([im])[0]):
             maps = ex(x)
             for i, it in enumerate(its):
+                if it.written:
+                    continue
                 one = {k: v[i : i + 1] for k, v in maps.items()}
-                seg = diffseg_segment(one, out_size=(it.image.size[1], it.image.size[0]), tau=tau,
+                box = centre_square(*it.image.size) if ex.resize == "crop" else (0, 0, *it.image.size)
+                seg = diffseg_segment(one, out_size=(box[3] - box[1], box[2] - box[0]), tau=tau,
                                       iterations=int(cfg.get("iterations", 3)), points=side,
-                                      refine_kmeans=bool(cfg.get("refine", False) if refine is None else refine))[0]
-                write_seg(it.out, seg.cpu().numpy(), it.image, palette)
+                                      refine_kmeans=bool(cfg.get("refine", False) if refine is None else refine),
+                                      kl_precision=precision)[0]
+                labels = np.full((it.image.size[1], it.image.size[0]), 255, dtype=np.int64)  # 255: outside the crop
+                labels[box[1]:box[3], box[0]:box[2]] = seg.cpu().numpy()
+                write_seg(it.out, labels, it.image, palette)
 
     run = run_folder(images, out_dir, ".png", process, batch_size=batch_size, overwrite=overwrite, desc="images")
-    click.echo(f"wrote {run.done} DiffSeg segmentation(s) (tau={tau}, {side}x{side} anchors) to {out_dir}")
+    click.echo(f"wrote {run.done} DiffSeg segmentation(s) (tau={tau}, {side}x{side} anchors, {precision} merge) to {out_dir}")
 
 
 @click.command("depth")

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from difffeat.errors import BadInputError, one_of
-from difffeat.io import list_images, load_image, pil_to_tensor
+from difffeat.io import check_regular_file, list_images, load_image, pil_to_tensor
 
 TASKS = ("seg", "depth", "edges")
 LABEL_DIRS = {"seg": ("masks", "labels", "annotations"), "depth": ("depth", "depths"), "edges": ("edges", "boundaries")}
@@ -164,6 +164,7 @@ def load_edges(path: str | Path) -> np.ndarray:
 
 
 def _open(path: str | Path) -> Image.Image:
+    check_regular_file(Path(path))  # a FIFO or device named like a label is refused, never opened
     try:
         im = Image.open(path)
         im.load()
@@ -183,6 +184,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(W, H) of an image after EXIF orientation, read from the header only."""
+    check_regular_file(Path(path))
     try:
         with Image.open(path) as im:
             w, h = im.size

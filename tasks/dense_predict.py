@@ -247,13 +247,14 @@ def evaluate(
     **metric_kw: Any,
 ) -> dict[str, Any]:
     """Score head maps ``predict(item, image)`` (in memory) or files in ``pred_dir`` on ``dataset``."""
-    import os
-
-    from tqdm import tqdm
+    from difffeat.distributed import progress_bar
 
     metric = make_metric(task, **metric_kw)
     missing = []
-    for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1"):
+
+    bar = progress_bar(len(dataset), "eval")
+    for i in range(len(dataset)):
+        bar.update(1)
         item = dataset.labels(i)
         if predict is not None:
             pred = final_prediction(task, predict(item, load_image(dataset.samples[i].image)))

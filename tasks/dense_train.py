@@ -46,9 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
-from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, rank_device, rank_share, shard_items
+from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
 from difffeat.heads.checkpoint import feature_record
@@ -180,27 +179,33 @@ class FeatureCache:
         of a one-process run. Items naming the same file count once. Returns the files
         written by this process.
         """
+        from difffeat.runner import Job, preflight, run
+
         unique: dict[Path, tuple[Path, bool]] = {}
         for p, f in items:
             unique.setdefault(self.path(p, f), (p, f))  # insertion order: first occurrence
-        todo = [(p, f) for p, f in rank_share(list(unique.values()), batch_size, info) if not self.path(p, f).exists()]
-        if not todo:
-            return []
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_json(self.dir / "settings.json", self.meta)
-        bar = progress_bar(len(todo), "caching features", info)
-        written = []
-        for k in range(0, len(todo), batch_size):
-            chunk = todo[k : k + batch_size]
-            images = [load_image(p) for p, _ in chunk]
-            images = [im.transpose(0) if f else im for im, (_, f) in zip(images, chunk)]  # 0 = FLIP_LEFT_RIGHT
-            feats = self.ex(self.ex.prepare(images))
-            for j, (p, f) in enumerate(chunk):
-                tensors = {k2: v[j].to(torch.float16) for k2, v in feats.items()}
-                save_features(self.path(p, f), tensors, {"image": str(p), "flip": f})
-                written.append(self.path(p, f))
-            bar.update(len(chunk))
-        bar.close()
+        written: list[Path] = []
+
+        def load(item: tuple[Path, bool]) -> tuple[Path, bool, Any]:
+            im = load_image(item[0])
+            return item[0], item[1], im.transpose(0) if item[1] else im  # 0 = FLIP_LEFT_RIGHT
+
+        def process(batch: list[tuple[Path, bool, Any]]) -> None:
+            feats = self.ex(self.ex.prepare([im for _, _, im in batch]))
+            for j, (p, f, _) in enumerate(batch):
+                if not self.path(p, f).exists():
+                    tensors = {k2: v[j].to(torch.float16) for k2, v in feats.items()}
+                    save_features(self.path(p, f), tensors, {"image": str(p), "flip": f})
+                    written.append(self.path(p, f))
+
+        todo = [it for it in unique.values() if not self.path(*it).exists()]
+        if todo:
+            preflight(self.dir)
+            save_json(self.dir / "settings.json", self.meta)
+        job = Job(list(unique.values()), process, done=lambda it: self.path(*it).exists(), load=load,
+                  name=lambda it: str(it[0]))
+        run(job, out=self.dir if todo else None, batch_size=batch_size, desc="caching features", info=info,
+            resume_note=False).finish("images")
         return written
 
     def load(self, image: Path, flip: bool) -> dict[str, torch.Tensor]:
@@ -316,7 +321,7 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
     if dcfg.get("val"):
         val_ds = DenseFolder(dcfg["val"], task, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
 
-    ex = ex if ex is not None else make_extractor(cfg["backbone"], rank_device(tcfg.get("device"), dist), tcfg.get("dtype"))
+    ex = ex if ex is not None else make_extractor(cfg["backbone"], tcfg.get("device"), tcfg.get("dtype"))
     device = extractor_device(ex)
     res = int(cfg["backbone"]["resolution"])
     multiple = size_multiple(ex)
@@ -371,8 +376,7 @@ def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(train_ds), generator=g).tolist()
         t0, seen, losses, window = time.time(), 0, [], []
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{tcfg['epochs']}", unit="step",
-                   disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1" or not dist.is_main)
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{tcfg['epochs']}", dist, unit="step")
         for b in range(steps_per_epoch):
             idx = batch = order[b * bs : (b + 1) * bs]  # the global batch, the same on every rank
             # this rank's positions in it; a rank left without any (a last batch smaller than the

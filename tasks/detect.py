@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from difffeat.backbone import compile_denoiser
 from difffeat.errors import BadInputError, DiffFeatError, one_of
-from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder
+from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder, whole_image
 from difffeat.heads.checkpoint import check_backbone, feature_record
 from difffeat.presets import precedence
 from difffeat.heads.dire import (
@@ -99,7 +99,9 @@ class Detector:
         return self.settings is not None
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
-        """One PIL image -> [3,S,S] in [0,1]; too-small images raise one line."""
+        """One PIL image -> [3,S,S] in [0,1] (``resize: none``: the whole image); too-small images raise one line."""
+        if self.resize == "none":
+            return pil_to_tensor(whole_image(img))
         return pil_to_tensor(fit_square(img, self.size, self.resize))
 
     @torch.no_grad()
@@ -177,9 +179,11 @@ def detector_from_preset(name: str, model: str | None = None, *, dire: Mapping[s
     if score == "aeroblade":
         specs = list(autoencoders or [f"{a['model']}:{a.get('component', 'vae')}" for a in p.get("autoencoders", [])])
         aes = [load_autoencoder(*parse_autoencoder(a), dtype=dtype, device=device) for a in specs]
-        dist = VGGLayer2Distance().load_imagenet(echo).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        size = int((dire or {}).get("resolution", p.get("resolution", 512)))
-        cfg = {"preset": name, "score": score, "resolution": size, "resize": p.get("resize", "crop"),
+        from difffeat.distributed import resolve_device
+
+        dist = VGGLayer2Distance().load_imagenet(echo).to(resolve_device(device))
+        size = int((dire or {}).get("resolution") or 0)  # a resolution: centre crops of that size, not whole images
+        cfg = {"preset": name, "score": score, "resolution": size, "resize": "crop" if size else p.get("resize", "none"),
                "backbone": {"preset": "aeroblade", "autoencoders": [a.name for a in aes], "layers": None, "timesteps": None},
                "distance": {"name": p.get("distance", "vgg16-layer2"), "pretrained": dist.pretrained}}
         return Detector(cfg, size, cfg["resize"], autoencoders=aes, distance=dist, calibration=calibration, score=score)
@@ -253,7 +257,9 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
     """Score image files in batches; unreadable or too-small ones are reported in ``run`` and skipped."""
     names: list[Path] = []
     parts: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1")
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> None:
@@ -270,7 +276,10 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
     for p in paths:
         try:
             img = load_image(p)
-            batch.append((p, det.prepare(transform(img) if transform else img)))
+            x = det.prepare(transform(img) if transform else img)
+            if batch and batch[-1][1].shape != x.shape:  # whole images (AEROBLADE): a batch per run of one size
+                flush()
+            batch.append((p, x))
         except DiffFeatError as e:
             run.fail(p, f"{p}: {e}")
         bar.update(1)
@@ -315,6 +324,9 @@ def evaluate(det: Detector, real: Sequence[Path], fake: Sequence[Path], batch_si
 
 def claim_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> None:
     """Record which detector fills ``folder``; refuse to resume into one made by another."""
+    from difffeat.runner import preflight
+
+    preflight(folder)  # a read-only or full folder: one line, before anything is written
     stamp = folder / ".difffeat-detector.json"
     want = json.loads(json.dumps(config, default=str))
     if stamp.exists() and not overwrite and json.loads(stamp.read_text()) != want:
@@ -329,7 +341,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--preset", default=None, help="Detect preset: dire-adm256, dire-sd, aeroblade."),
         click.option("-m", "--model", default=None, help="Diffusion model (preset name, local diffusers folder or hub id)."),
         click.option("--steps", type=int, default=None, help="DDIM steps (inversion and reconstruction each)."),
-        click.option("--resolution", type=int, default=None, help="Square input size (images smaller than this are refused)."),
+        click.option("--resolution", type=int, default=None, help="Square input size (DIRE: the preset's resize policy; AEROBLADE: centre crops of this size instead of whole images)."),
         click.option("--score", type=click.Choice(SCORES), default=None, help="Training-free statistic."),
         click.option("--autoencoder", "autoencoders", multiple=True,
                      help="AEROBLADE autoencoder MODEL[:COMPONENT] (repeatable; default: the preset's SD1, SD2, Kandinsky 2.1)."),
@@ -391,13 +403,12 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
     assembled, so an interrupted run continues where it stopped.
     """
-    from difffeat.distributed import rank_device
     from difffeat.pipeline import run_folder
 
     # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
     # assembles the CSV from the parts present, so the last one to finish writes it whole
     det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
-                    rank_device(device), compile_)
+                    device, compile_)
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
@@ -412,15 +423,18 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out in done:
-                continue  # written before a bad image in its batch made run_folder retry one by one
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
                 errors.append(e)
-        if todo:
-            res = det(torch.stack([x for _, x in todo]))
-            for i, (it, _) in enumerate(todo):
+        sizes: dict[tuple[int, ...], list[tuple[Any, torch.Tensor]]] = {}
+        for it, x in todo:  # whole images (AEROBLADE): one forward per image size in the batch
+            sizes.setdefault(tuple(x.shape), []).append((it, x))
+        for group in sizes.values():
+            res = det(torch.stack([x for _, x in group]))
+            for i, (it, _) in enumerate(group):
+                if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
+                    continue
                 if dire_dir is not None:
                     save_dire(output_path(dire_dir, root, it.path, ".png"), res["maps"][i])
                 row = {k: float(v[i]) for k, v in res.items() if k != "maps"}
@@ -431,7 +445,8 @@ def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str
 
     failure: DiffFeatError | None = None
     try:
-        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo)
+        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         failure = e
     n = write_scores_csv(out, [output_path(parts, root, p, ".json") for p in list_images(root)], root)
@@ -533,7 +548,7 @@ def _train_pooled(p: Mapping[str, Any], model: str | None, dire_over: Mapping[st
     import difffeat
 
     feat = p["detect"].get("features", {})
-    settings = DireSettings.from_dict({**p["detect"].get("dire", {}), **dire_over})
+    settings = DireSettings.from_dict(precedence(dire_over, p["detect"].get("dire")))  # options over the preset
     bb = _load_bb(_model_of(p, model), dtype, device)
     ex = difffeat.create(bb.source, backbone=bb, layers=feat.get("layers"), timesteps=feat.get("timesteps"),
                          resolution=settings.resolution, resize="resize", seed=seed, compile=compile_)
@@ -566,7 +581,11 @@ def _pooled_features(ex: Any, names: Sequence[str], settings: DireSettings, path
             out.append(PooledFeatureHead.pool(ex(torch.stack(batch)), names).cpu())
             batch.clear()
 
-    for p in tqdm(paths, desc=desc, unit="img", disable=os.environ.get("DIFFFEAT_NO_PROGRESS") == "1"):
+    from difffeat.distributed import progress_bar
+
+    bar = progress_bar(len(paths), desc)
+    for p in paths:
+        bar.update(1)
         try:
             batch.append(pil_to_tensor(fit_square(load_image(p), settings.resolution, settings.resize)))
         except DiffFeatError as e:
@@ -588,8 +607,6 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     def process(items: list[Any]) -> None:
         todo, errors = [], []
         for it in items:
-            if it.out.exists():
-                continue
             try:
                 todo.append((it, det.prepare(it.image)))
             except DiffFeatError as e:
@@ -597,12 +614,14 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
         if todo:
             maps = compute_dire(det.bb, torch.stack([x for _, x in todo]), det.settings).maps  # type: ignore[arg-type]
             for i, (it, _) in enumerate(todo):
-                save_dire(it.out, maps[i])
+                if not it.out.exists():  # finished earlier, or before a bad image in its batch
+                    save_dire(it.out, maps[i])
         if errors:
             raise errors[0]
 
     try:
-        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo)
+        run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo,
+                   max_side=4 * det.size)
     except DiffFeatError as e:
         _echo(f"warning: {e}")
     paths = [output_path(out_dir, Path(images), p, ".png") for p in list_images(images)]
@@ -630,8 +649,8 @@ def eval_detect_cmd(real_dir: Path, fake_dir: Path, head: Path | None, training_
     run = FolderRun(echo=_echo)
     results = {"as-is": evaluate(det, real, fake, batch_size, None, run)}
     if normalize_format:
-        results["normalized"] = evaluate(det, real, fake, batch_size, (size or det.size, jpeg_quality), run)
-        results["normalized"].update(jpeg_quality=jpeg_quality, size=size or det.size)
+        results["normalized"] = evaluate(det, real, fake, batch_size, (size or det.size or 512, jpeg_quality), run)
+        results["normalized"].update(jpeg_quality=jpeg_quality, size=size or det.size or 512)
     click.echo(f"{'setting':<12} {'ACC':>7} {'AP':>7} {'real ACC':>9} {'fake ACC':>9} {'n real':>7} {'n fake':>7}")
     for name, m in results.items():
         acc = lambda k: f"{100 * m[k]:.1f}" if k in m else "n/a"  # noqa: E731

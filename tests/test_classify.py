@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +197,14 @@ def test_cli_zero_shot_text_model_eval_and_resume(tiny_sd_dir: Path, tmp_path: P
         topk = json.loads(row["topk"])
         assert row["top1"] == topk[0][0] and {e[0] for e in topk} == {"cat", "dog"}
         assert topk[0][2] == 0.0 and topk[1][2] >= 0  # [class, mean error, gap to the top class]
-        assert 0.5 <= float(row["score"]) <= 1.0
     assert "accuracy:" in r.output and (tmp_path / "preds.confusion.png").exists()
+    assert "denoiser evaluations per image: mean 3, max 3 (the paper schedule: 3)" in r.output
+    # the score is softmax(-gap / temperature): with two classes, the logistic of gap / temperature
+    fixed = tmp_path / "fixed.csv"
+    assert run_cli(*args[:-3], "--classes", "cat,dog", "-o", str(fixed), "--temperature", "0.002").exit_code == 0
+    for row in csv.DictReader(fixed.open()):
+        gap = json.loads(row["topk"])[1][2]
+        assert float(row["score"]) == pytest.approx(1 / (1 + math.exp(-gap / 0.002)), abs=6e-5)
     again = run_cli(*args)
     assert again.exit_code == 0 and "0 new, 2 already there" in again.output
     assert len(list(csv.DictReader(out.open()))) == 2
@@ -257,3 +264,34 @@ def test_cli_train_probe_classify_and_sweep(tiny_pixel_dir: Path, tmp_path: Path
     table = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert {(row["layer"], row["t"]) for row in table} == {("mid", "50"), ("mid", "400"), ("up.0", "50"), ("up.0", "400")}
     assert "<- best" in r.output
+
+
+# ---------------------------------------------------------------- presets and prompts
+def test_pets_prompts_come_from_the_reference_csv() -> None:
+    from difffeat.tasks.classify import class_prompts, classify_preset
+
+    cfg = classify_preset("pets")["classifier"]
+    prompts = class_prompts(cfg["classes"], cfg["prompts"], cfg["template"])
+    assert len(prompts) == 37 and prompts[0] == "a photo of a Abyssinian cat, a type of pet."
+    assert prompts[cfg["classes"].index("basset hound")] == "a photo of a Basset Hound dog, a type of pet."
+    assert all((" cat, " in p) or (" dog, " in p) for p in prompts if "Bulldog" not in p)  # 36 of 37 carry the word
+    fast = classify_preset("pets-fast")
+    assert fast["classifier"]["n_samples"] == [25, 250] and fast["classifier"]["delta"] == 0.05
+    assert fast["classifier"]["prompts"] == cfg["prompts"]  # everything else is the paper preset's
+
+
+def test_prompts_file_sets_classes_and_prompts(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    from difffeat.tasks.classify import build_zero_shot
+
+    f = tmp_path / "p.csv"
+    f.write_text('prompt,classname,classidx\n"a photo of a Bengal cat, a pet.",bengal,0\na photo of a pug dog.,pug,1\n')
+    clf, _ = build_zero_shot(str(tiny_sd_dir), None, None, None, None, "1", None, None, None, None, None, None, 64,
+                             None, "cpu", 8, False, 0, False, prompts_file=f)
+    assert clf.classes == ["bengal", "pug"] and clf.prompts == ["a photo of a Bengal cat, a pet.", "a photo of a pug dog."]
+    clf, _ = build_zero_shot(str(tiny_sd_dir), None, ["pug", "beagle"], None, "an image of {}.", "1", None, None, None,
+                             None, None, None, 64, None, "cpu", 8, False, 0, False, prompts_file=f)
+    assert clf.prompts == ["a photo of a pug dog.", "an image of beagle."]  # the template for classes not in the file
+    f.write_text("prompt,name\na,b\n")
+    with pytest.raises(BadInputError, match="'prompt' and 'classname' columns"):
+        build_zero_shot(str(tiny_sd_dir), None, None, None, None, "1", None, None, None, None, None, None, 64, None,
+                        "cpu", 8, False, 0, False, prompts_file=f)

@@ -152,6 +152,7 @@ def test_eval_correspond_prints_pck_and_resumes(tiny_sd_dir, tmp_path):
     assert "normaliser: bbox" in lines[1] and [ln.split()[0] for ln in lines[3:6]] == ["cat", "dog", "all"]
     assert "paper (bbox normaliser, per image): pck@0.1: 52.9" in r.output
     summary = json.loads((out / "pck.json").read_text())
+    assert f"difffeat, same averaging: pck@0.05: {summary['per_image']['0.05']:.1f}" in r.output
     assert summary["pairs"] == 3 and summary["keypoints"] == 9 and set(summary["per_image"]) == {"0.05", "0.1", "0.15"}
     preds = (out / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 3
@@ -177,8 +178,8 @@ def test_presets_carry_protocols_and_paper_numbers():
     assert {k: dift["extract"][k] for k in expect} == expect
     assert dift["category_prompt"] == "a photo of a {category}" and dift["extract"]["prompt"] == ""
     assert C.MatchSettings.from_dict(dift["matching"]) == C.MatchSettings("cosine", "argmax", True)
-    assert C.MatchSettings.from_dict(sd_dino["matching"]) == C.MatchSettings("l2", "argmax", False)
-    assert C.MatchSettings.from_dict(geo["matching"]) == C.MatchSettings("cosine", "soft", False, 5, 0.02, True)
+    assert C.MatchSettings.from_dict(sd_dino["matching"]) == C.MatchSettings("l2", "argmax", False, src_read="cell")
+    assert C.MatchSettings.from_dict(geo["matching"]) == C.MatchSettings("cosine", "soft", False, 5, 0.02, True, "cell")
     assert geo["fusion"]["pca_mode"] == "none" and [s["model"] for s in geo["fusion"]["sources"]] == ["sd15", "dinov2-b"]
     assert [p["paper_results"]["spair71k"]["pck@0.1"] for p in (dift, sd_dino, geo)] == [52.9, 64.0, 65.4]
     with pytest.raises(BadInputError, match="fuses several models"):

@@ -68,8 +68,8 @@ def test_load_pfpascal_reads_the_csv_format(pfpascal):
     assert p.src_size == (30, 40) and p.tgt_size == (36, 36)  # read from the images, (H, W)
     _, _, _, xa, ya, xb, yb = PF_PASCAL_PAIRS[0]
     # CSV coordinates are 1-based; the loader returns 0-based pixel centres.
-    assert torch.equal(p.src_kps, torch.tensor([xa, ya], dtype=torch.float32).T - 1)
-    assert torch.equal(p.tgt_kps, torch.tensor([xb, yb], dtype=torch.float32).T - 1)
+    assert torch.equal(p.src_kps, torch.tensor([xa, ya], dtype=torch.float32).T)  # as SD-DINO/GeoAware: no -1
+    assert torch.equal(p.tgt_kps, torch.tensor([xb, yb], dtype=torch.float32).T)
     assert p.tgt_bbox is None
     # The dataset folder, its parent and the CSV itself all work.
     for root in (pfpascal.parent, pfpascal / "test_pairs_pf_pascal.csv"):
@@ -130,8 +130,11 @@ def test_pck_per_image_and_per_keypoint_averages_differ_as_worked_by_hand():
     assert s["per_category"]["dog"]["per_keypoint"]["0.1"] == 0.0
     table = D.format_pck_table(s)
     assert "normaliser: bbox (max side of the target bbox)" in table
-    assert [ln.split()[0] for ln in table.splitlines()[2:]] == ["cat", "dog", "all"]
-    assert "66.7" in table.splitlines()[2] and "33.3" in table.splitlines()[-1]
+    assert [ln.split()[0] for ln in table.splitlines()[2:5]] == ["cat", "dog", "all"]
+    assert "66.7" in table.splitlines()[2] and "33.3" in table.splitlines()[4]
+    # SD-DINO's headline: per keypoint within each category, then the mean over categories
+    assert s["category_mean"]["0.1"] == pytest.approx((50.0 + 0.0) / 2)
+    assert table.splitlines()[-1] == "per keypoint, mean over categories: @0.1 25.0"
 
 
 def test_ground_truth_scores_100_on_every_loaded_pair(spair, pfpascal):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from difffeat.tasks.dense_metrics import DepthMetric, EdgeMetric, SegMetric, depth_errors, edge_counts
+from difffeat.tasks.dense_metrics import DepthMetric, EdgeMetric, SegMetric, depth_errors, edge_counts, edge_thresholds
 from difffeat.tasks.edge_ops import correspond_pixels, edge_nms, thin
 
 
@@ -54,6 +54,23 @@ def test_depth_errors_hand_worked():
     assert e["d1"] == pytest.approx(0.5) and e["d2"] == pytest.approx(1.0)
     assert e["rmse_log"] == pytest.approx(math.sqrt(math.log(1.5) ** 2 / 2))
     assert depth_errors(pred, torch.zeros(1, 3)) is None
+
+
+def test_silog_log10_and_d3_hand_worked():
+    gt = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0])
+    pred = torch.tensor([2.0, 2.0, 1.0, 3.0, 1.8])  # ratios 2, 1, 1, 3, 1.8
+    e = depth_errors(pred, gt)
+    d = [math.log(2), 0.0, 0.0, math.log(3), math.log(1.8)]
+    m1, m2 = sum(d) / 5, sum(x * x for x in d) / 5
+    assert e["silog"] == pytest.approx(100 * math.sqrt(m2 - m1**2))  # BTS/GLPDepth: sqrt(E[d^2] - E[d]^2) * 100
+    assert e["log10"] == pytest.approx((math.log10(2) + math.log10(3) + math.log10(1.8)) / 5)
+    assert (e["d1"], e["d2"], e["d3"]) == pytest.approx((0.4, 0.4, 0.6))  # 1.8 < 1.25^3 = 1.953 only
+
+
+def test_bsds_default_threshold_grid():
+    want = np.linspace(0.01, 0.99, 99)  # edgesEvalImg: thrs = linspace(1/(K+1), 1-1/(K+1), K), K = 99
+    np.testing.assert_allclose(edge_thresholds(), want)
+    np.testing.assert_allclose(EdgeMetric().thresholds, want)
 
 
 def test_depth_metric_averages_per_image_and_aligns_relative_depth():

@@ -87,6 +87,12 @@ def test_create_from_config_gives_the_same_features(tiny_sd_dir: Path, dino_weig
     dino = _dino(dino_weights, resolution=56, resize="pad")
     assert torch.equal(difffeat.create(**dino.config)(x)["block.1"], dino(x)["block.1"])
 
+    big = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    odise = difffeat.create(str(tiny_sd_dir), layers=["up.1"], timesteps=[50], noise="fixed", freeu="geoaware",
+                            window=64, resolution=128, dtype="fp32", device="cpu")  # GeoAware-SC's SD half
+    assert isinstance(odise, Extractor) and odise.config["window"] == 64 and odise.config["freeu"] == "geoaware"
+    assert torch.equal(difffeat.create(**odise.config)(big)["up.1"], odise(big)["up.1"])
+
     fused = difffeat.create("tiny-fused", fusion={"sources": [
         {"model": str(tiny_sd_dir), "layers": ["up.1"], "timesteps": [50], "noise": "fixed", "resolution": 64, "resize": "pad", "pca": 4, "weight": 0.3},
         {"model": "dinov2-s", "layers": ["block.1"], "resolution": 56, "resize": "pad", "weights": dino_weights, "model_kwargs": {"depth": 2}, "weight": 0.7},
@@ -141,7 +147,8 @@ def test_sd_dino_halves_are_placed_alike_on_non_square_images(tiny_sd_dir: Path,
 
 
 def _with_preset(name: str, spec: dict) -> MethodPreset:  # type: ignore[type-arg]
-    p = MethodPreset(name, "correspond", "<test>", {"model": spec["sources"][0]["model"]}, {"name": name, "fusion": spec})
+    extract = {"model": spec["sources"][0]["model"]}
+    p = MethodPreset(name, "correspond", "<test>", extract, {"name": name, "task": "correspond", "extract": extract, "fusion": spec})
     method_presets()[name] = p
     return p
 

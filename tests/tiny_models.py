@@ -295,3 +295,27 @@ def two_region_image(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarr
     img[:] = (30, 60, 200)
     img[:, :x0] = (220, 40, 30)
     return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8), x0
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact ε-predictor for data x_0 ~ N(mean, std²) per channel (weights-free, so golden
+    numbers made with it do not move with a library's initialisation; a mean outside [-1, 1] makes
+    x̂_0 leave [-1, 1] at high noise, so clipping matters):
+    ε*(x_t, t) = sqrt(1-ᾱ) (x_t - sqrt(ᾱ) mean) / (ᾱ std² + 1 - ᾱ). Called like a diffusers UNet
+    (``forward(x, timestep, return_dict=False)``); every call is counted in ``calls``."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, mean: tuple[float, ...] = (1.4, -1.3, 0.2),
+                 std: float = 0.5) -> None:
+        super().__init__()
+        self.register_buffer("ac", alphas_cumprod.detach().float().clone())
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.std, self.calls, self.timesteps = float(std), 0, []  # type: ignore[var-annotated]
+        self.config = {"patch_size": 1}  # what a backbone reads of a denoiser without down blocks
+
+    def forward(self, x, timestep, return_dict=False, **kw):  # type: ignore[no-untyped-def]
+        t = torch.as_tensor(timestep).long().reshape(-1).expand(x.shape[0])
+        self.calls += 1
+        self.timesteps.append(int(t[0]))
+        a = self.ac[t].view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * (x.float() - a.sqrt() * self.mean) / (a * self.std**2 + 1 - a)
+        return (eps.to(x.dtype),)
