@@ -40,7 +40,6 @@ Checkpoints are a folder ``detector.safetensors`` + ``detector.json`` (no pickle
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -55,7 +54,7 @@ from torch import nn
 
 from difffeat.backbone import DiffusionBackbone
 from difffeat.errors import BadInputError
-from difffeat.io import atomic_path, json_default, pil_to_tensor, save_json, save_png
+from difffeat.io import pil_to_tensor, save_png
 
 from .checkpoint import read_checkpoint, read_tensors, write_checkpoint
 from .ddim import SPACINGS, check_ddim_support, check_pairing, default_conditioning, invert_and_reconstruct
