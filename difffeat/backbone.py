@@ -75,6 +75,7 @@ class DiffusionBackbone(nn.Module):
     ) -> None:
         super().__init__()
         self.source, self.name = source, name or source
+        self.denoiser_weights: str | None = None  # a swapped-in state dict (load_backbone(denoiser_weights=))
         self.use_t5, self.prompt_cache_dir = use_t5, prompt_cache
         self.dtype_, self.device_ = dtype, device
         self._index, self._random = index, random_weights
@@ -131,7 +132,7 @@ class DiffusionBackbone(nn.Module):
 
     @property
     def in_channels(self) -> int:
-        return int(self.denoiser.config.in_channels)
+        return self.adapter.latent_channels
 
     @property
     def patch_size(self) -> int:
@@ -207,13 +208,15 @@ class DiffusionBackbone(nn.Module):
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        s = t.to(like.device, torch.float32) / self.num_train_timesteps
+        hw = (like.shape[-2], like.shape[-1])
+        s = self.adapter.flow_sigma(t.to(like.device), hw, self.num_train_timesteps).to(torch.float32)
         return s.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x_0) for the model's scheduler.
 
-        DDPM family: sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Flow matching (SD3): (1-σ)·x0 + σ·ε, σ = t/T.
+        DDPM family: sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Flow matching (SD3, FLUX): (1-σ)·x0 + σ·ε,
+        σ = the family's ``flow_sigma(t)`` (t/T; FLUX optionally with its resolution shift).
         Computed in fp32, returned in x0's dtype.
         """
         x0f, nf = x0.float(), noise.float()
@@ -315,11 +318,11 @@ class DiffusionBackbone(nn.Module):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One denoiser call; returns the model output (same shape as ``x_t``)."""
         self.adapter.check_input(x_t)
-        t = self.timestep_input(t)
         if t.dim() == 0:
             t = t.expand(x_t.shape[0])
-        # timestep by keyword: PixArt/SD3 take encoder_hidden_states second
-        out = self.denoiser(x_t.to(self.dtype), timestep=t, **cond.kwargs, return_dict=False)[0]
+        # timestep by keyword (PixArt/SD3 take encoder_hidden_states second); the family packs (FLUX)
+        x_in, kwargs = self.adapter.denoiser_inputs(x_t.to(self.dtype), t, dict(cond.kwargs), self.num_train_timesteps)
+        out = self.adapter.denoiser_output(self.denoiser(x_in, **kwargs, return_dict=False)[0], x_t)
         if out.shape[1] != x_t.shape[1]:  # learned-sigma models (DiT) predict [eps, var]
             out = out[:, : x_t.shape[1]]
         return out
@@ -383,6 +386,8 @@ def load_backbone(
     random_weights: bool = False,
     use_t5: bool = True,
     prompt_cache: str | None = None,
+    denoiser_weights: str | None = None,
+    time_shift: bool = False,
 ) -> DiffusionBackbone:
     """Load a diffusion backbone by preset name, local diffusers folder or hub id.
 
@@ -390,7 +395,11 @@ def load_backbone(
     diffusers with ``text_encoder_3=None``; PixArt: prompts must come as ``prompt_embeds``
     or from the prompt cache). ``prompt_cache`` is a folder where prompt embeddings are
     stored as safetensors, one file per (model, prompt), and read back instead of running
-    the text encoders (not used with ``random_weights``).
+    the text encoders (not used with ``random_weights``). ``denoiser_weights`` (``FILE`` or
+    ``REPO:FILE``, safetensors) replaces the denoiser's weights with a diffusers-format state
+    dict, e.g. CleanDIFT's UNets (:mod:`difffeat.denoiser_weights`). ``time_shift`` (FLUX) reads
+    a user's t as a position on the unshifted schedule and applies the pipeline's
+    resolution-dependent shift (:mod:`difffeat.families.flux`); default: σ = t / 1000.
     """
     from .registry import resolve
 
@@ -405,8 +414,19 @@ def load_backbone(
         if key in ("safety_checker", "feature_extractor", "image_encoder"):
             continue
         comps[key] = load_component(source, key, list(spec), dt, random_weights)
+    if denoiser_weights:  # before the backbone fuses QKV projections (that renames weights)
+        from .denoiser_weights import swap_denoiser_weights
+
+        key = next((k for k in DENOISER_KEYS if comps.get(k) is not None), None)
+        if key is not None:
+            swap_denoiser_weights(comps[key], denoiser_weights)
     bb = DiffusionBackbone(source, comps, index, dt, dev, random_weights, name=preset.name if preset else name_or_path,
                            use_t5=use_t5, prompt_cache=prompt_cache)
+    bb.denoiser_weights = denoiser_weights
+    if time_shift:
+        if not bb.adapter.supports_time_shift:
+            raise BadInputError(f"time_shift applies to FLUX's resolution-dependent schedule; {bb.name} is {bb.family}")
+        bb.adapter.time_shift = True
     return bb
 
 

@@ -90,6 +90,12 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)."),
         click.option("--max-batch", type=int, default=16, show_default=True, help="Denoiser rows per call."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoiser's blocks."),
+        click.option("--denoiser-weights", default=None,
+                     help="Replace the denoiser's weights: a diffusers-format state dict, FILE.safetensors or REPO:FILE "
+                     "(CleanDIFT: -m sd15 --denoiser-weights CompVis/cleandift:cleandift_sd15_unet.safetensors)."),
+        click.option("--adaln/--no-adaln", default=None, help="DiTF: AdaLN-modulated block features (FLUX, SD3 block.K)."),
+        click.option("--discard-channels", default=None,
+                     help="DiTF: comma-separated massive-activation channels zeroed before the AdaLN norm ('none': none)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -111,10 +117,24 @@ def model_with_weights(model: str | None, weights: str | None) -> str | None:
     return single_file(weights, model)
 
 
+def postprocess_options(adaln: bool | None = None, discard_channels: str | None = None,
+                        denoiser_weights: str | None = None, **_: Any) -> dict[str, Any]:
+    """The shared options beyond layer/timestep/ensemble (DiTF's post-processing, CleanDIFT's
+    weights), as ``create`` keywords."""
+    channels = None
+    if discard_channels is not None:
+        text = discard_channels.strip().lower()
+        try:
+            channels = [] if text in ("", "none") else [int(c) for c in text.split(",")]
+        except ValueError:
+            raise BadInputError(f"--discard-channels takes comma-separated integers, got {discard_channels!r}") from None
+    return {"adaln": adaln, "discard_channels": channels, "denoiser_weights": denoiser_weights}
+
+
 def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps: tuple[int, ...], ensemble: int | None,
                            prompt: str | None, noise: str | None, seed: int, resolution: int | None, resize: str | None,
                            dtype: str | None, device: str | None, max_batch: int, compile_: bool,
-                           weights: str | None = None, **_: Any) -> Any:
+                           weights: str | None = None, **rest: Any) -> Any:
     """Build the extractor the shared options describe (on this rank's GPU under torchrun:
     every loader resolves devices through :func:`difffeat.distributed.resolve_device`)."""
     from .factory import create
@@ -122,7 +142,7 @@ def extractor_from_options(model: str | None, layers: tuple[str, ...], timesteps
     model = model_with_weights(model, weights)
     return create(model, layers=list(layers) or None, timesteps=list(timesteps) or None, ensemble=ensemble, prompt=prompt,
                   noise=noise, seed=seed, resolution=resolution, resize=resize, dtype=dtype, device=device,
-                  max_batch=max_batch, compile=compile_)
+                  max_batch=max_batch, compile=compile_, **postprocess_options(**rest))
 
 
 # ---------------------------------------------------------------- core commands
@@ -172,22 +192,30 @@ def _source_line(p: Any, check_cache: bool) -> str:
 
 @cli.command("layers")
 @click.argument("model", required=False)
-@click.option("--random-weights", is_flag=True, help="Build from the config only (no weights needed).")
+@click.option("--random-weights", is_flag=True,
+              help="Build from the config only, on the meta device (no weights, no memory: any model size).")
 @click.option("--device", default="cpu", show_default=True)
 def layers_cmd(model: str | None, random_weights: bool, device: str) -> None:
     """List a model's layers with channels and stride (input pixels per feature cell)."""
+    import torch
+
     from .backbone import load_backbone
     from .extractor import probe_layers
-    from .registry import DEFAULT_MODEL, is_feature_model, resolve
+    from .registry import CONFIG_SKELETONS, DEFAULT_MODEL, MODELS, is_feature_model
 
-    _, preset = resolve(model or DEFAULT_MODEL)
+    preset = MODELS.get(model or DEFAULT_MODEL)  # folders and hub ids resolve in load_backbone
     if is_feature_model(preset):
         assert preset is not None
         depth = int(preset.layers[0].split(".")[1]) + 1
         for i in range(depth):
             click.echo(f"block.{i}")
         return
-    bb = load_backbone(model or DEFAULT_MODEL, dtype="fp32", device=device, random_weights=random_weights)
+    if random_weights:  # shapes only: nothing is allocated, so the 12B FLUX transformer probes anywhere
+        source = str(CONFIG_SKELETONS.get(model or "", model or DEFAULT_MODEL))
+        with torch.device("meta"):
+            bb = load_backbone(source, dtype="fp32", device="meta", random_weights=True)
+    else:
+        bb = load_backbone(model or DEFAULT_MODEL, dtype="fp32", device=device)
     info = probe_layers(bb)
     click.echo(f"{'layer':<16} {'channels':>8} {'stride':>6}")
     for name, (_, (c, s)) in sorted(info.items(), key=lambda kv: kv[1][0]):

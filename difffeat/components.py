@@ -39,6 +39,7 @@ class ModelParts:
                  dtype: torch.dtype, device: torch.device, random_weights: bool, use_t5: bool) -> None:
         self.source, self.name, self.denoiser, self.index = source, name, denoiser, index
         self.dtype, self.device, self.random_weights, self.use_t5 = dtype, device, random_weights, use_t5
+        self.scheduler_config = dict(getattr(components.get("scheduler"), "config", None) or {})
         self.tokenizers = {k: components[k] for k in TOKENIZER_KEYS if components.get(k) is not None}
         self._text_encoders: dict[str, nn.Module] | None = None
 

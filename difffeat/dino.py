@@ -1,7 +1,9 @@
-"""DINOv2 patch features through timm (Oquab et al., "DINOv2", 2023).
+"""DINOv2 / DINOv3 patch features through timm (Oquab et al., "DINOv2", 2023; Siméoni et al.,
+"DINOv3", 2025).
 
 ``DinoExtractor`` has the same interface as the diffusion extractor: call it on images in
-[0, 1] and get ``{"block.i": Tensor[B, C, H/14, W/14]}``. Features are the outputs of
+[0, 1] and get ``{"block.i": Tensor[B, C, H/p, W/p]}`` (patch p = 14 for DINOv2, 16 for DINOv3;
+timm's ``features_only`` maps hold patch tokens only: CLS and register tokens are dropped). Features are the outputs of
 transformer block ``i`` (0-based, before the final norm), patch tokens reshaped to a map,
 as SD-DINO's "token" facet of layer 11 for ViT-B/14.
 
@@ -12,6 +14,7 @@ HF_HOME). A local checkpoint goes in with ``weights=PATH`` (timm's
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 import torch
@@ -26,13 +29,19 @@ from .geometry import Geometry
 from .loading import hf_home
 from .registry import get_model
 
-PATCH = 14
+PATCH = 14  # DINOv2; DINOv3 ViTs use 16 (read from the timm name: ..._patch16_...)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def patch_of(arch: str) -> int:
+    """The ViT patch size in a timm architecture name (``vit_base_patch16_dinov3`` -> 16)."""
+    m = re.search(r"patch(\d+)", arch)
+    return int(m.group(1)) if m else PATCH
+
+
 class DinoExtractor(nn.Module):
-    """DINOv2 block outputs as feature maps."""
+    """DINOv2 / DINOv3 block outputs as feature maps."""
 
     def __init__(
         self,
@@ -56,7 +65,8 @@ class DinoExtractor(nn.Module):
         self.random_weights, self.model_kwargs = random_weights, dict(model_kwargs)
         self.device_ = parse_device(device)
         self.dtype_ = parse_dtype(dtype, self.device_)
-        depth = int(model_kwargs.get("depth", {"s": 12, "b": 12, "l": 24, "g": 40}[name.split("-")[1][0]]))
+        depth = int(model_kwargs.get("depth", int(preset.layers[0].split(".")[1]) + 1))  # presets default to the last block
+        self.patch = patch_of(self.arch)
         valid = [f"block.{i}" for i in range(depth)]
         for layer in self.layers:
             if layer not in valid:
@@ -67,7 +77,7 @@ class DinoExtractor(nn.Module):
         kw: dict[str, Any] = dict(features_only=True, out_indices=tuple(self.indices), dynamic_img_size=True, **model_kwargs)
         if weights:
             if not os.path.exists(weights):
-                raise WeightsNotFoundError(f"DINOv2 weights file not found: {weights}")
+                raise WeightsNotFoundError(f"DINO weights file not found: {weights}")
             kw["pretrained_cfg_overlay"] = dict(file=weights)
         try:
             self.model = timm.create_model(self.arch, pretrained=not random_weights, **kw)
@@ -75,12 +85,13 @@ class DinoExtractor(nn.Module):
             if random_weights:
                 raise
             raise WeightsNotFoundError(
-                f"DINOv2 weights for {self.arch!r} are not available ({type(e).__name__}); download "
+                f"DINO weights for {self.arch!r} are not available ({type(e).__name__}); download "
                 f"timm/{self.arch} into HF_HOME={hf_home()} or pass weights=PATH (.safetensors/.pth)"
             ) from None
         self.model.to(self.device_, self.dtype_).eval().requires_grad_(False)
         chans = self.model.feature_info.channels()
-        self._info = [{"name": l, "layer": l, "t": None, "channels": int(c), "stride": PATCH} for l, c in zip(self.layers, chans)]
+        self._info = [{"name": l, "layer": l, "t": None, "channels": int(c), "stride": self.patch}
+                      for l, c in zip(self.layers, chans)]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -116,8 +127,8 @@ class DinoExtractor(nn.Module):
 
     @property
     def geometry(self) -> Geometry:
-        """Resolution and resize policy of PIL inputs; sides snap to the 14-pixel patch."""
-        return Geometry(self.resolution, self.resize, PATCH)
+        """Resolution and resize policy of PIL inputs; sides snap to the patch (14 or 16 pixels)."""
+        return Geometry(self.resolution, self.resize, self.patch)
 
     def prepare(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.geometry.prepare(images)
@@ -132,8 +143,9 @@ class DinoExtractor(nn.Module):
             raise BadInputError("images must be a tensor [B,3,H,W] in [0,1] or PIL images")
         x = images if images.dim() == 4 else images.unsqueeze(0)
         h, w = x.shape[-2:]
-        if h % PATCH or w % PATCH:  # snap tensors to the patch grid
-            size = (max(PATCH, round(h / PATCH) * PATCH), max(PATCH, round(w / PATCH) * PATCH))
+        p = self.patch
+        if h % p or w % p:  # snap tensors to the patch grid
+            size = (max(p, round(h / p) * p), max(p, round(w / p) * p))
             x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False).clamp(0, 1)
         x = ((x.to(self.device_).float() - self.mean) / self.std).to(self.dtype_)
         feats = self.model(x)

@@ -42,9 +42,12 @@ from .errors import BadInputError, OutOfMemoryError, one_of
 from .freeu import FreeU
 from .geometry import Geometry
 from .io import image_key
-from .layers import block_level
+from .adaln import discard, modulate
+from .layers import as_map, block_level
 from .protocol import dtype_name, portable_name
 from .noise import draw
+
+MOD = "#mod"  # captured (shift, scale) of an adaln layer, averaged over the ensemble like its features
 
 
 class _StopForward(Exception):
@@ -71,6 +74,10 @@ class FeatureExtractor(nn.Module):
         attention_heads: for ``attn.*`` outputs, ``mean`` over heads or keep ``all``.
         freeu: ``None``, a :data:`difffeat.freeu.PRESETS` name (``geoaware``) or
             :class:`~difffeat.freeu.FreeUSettings`: FreeU in the decoder (GeoAware-SC's features).
+        adaln: DiTF's AdaLN-modulated features: ``block.k`` becomes block k's own AdaLN output on
+            its input, after the ensemble mean (FLUX, SD3; see :mod:`difffeat.adaln`).
+        discard_channels: DiTF's massive-activation channel discard (zeroed after the ensemble
+            mean, before the AdaLN norm); recorded in :meth:`metadata`.
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class FeatureExtractor(nn.Module):
         early_exit: bool = True,
         attention_heads: str = "mean",
         freeu: Any = None,
+        adaln: bool = False,
+        discard_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -119,10 +128,23 @@ class FeatureExtractor(nn.Module):
             self._anchor[name] = layer
         if not self.layers:
             raise BadInputError("no layers requested")
+        self.adaln, self.discard_channels = bool(adaln), sorted(int(c) for c in discard_channels or ())
+        self._adaln_eps = 1e-6  # the blocks' LayerNorm eps, read from the block in the hook
+        if self.adaln:
+            self._check_adaln()
         attn_names = [n for n in self.layers if parse_attention_name(n)]
         self._attention = AttentionCapture(self._modules_by_name, attn_names, attention_heads) if attn_names else None
         if compile:
             self.compile_denoiser()
+
+    def _check_adaln(self) -> None:
+        """adaln reads transformer blocks' inputs: only ``block.*`` names of an AdaLN family."""
+        if not self.backbone.adapter.adaln:
+            raise BadInputError(f"adaln (DiTF) needs an AdaLN-Zero transformer (FLUX, SD3); "
+                                f"{self.backbone.name} is {self.backbone.family}")
+        bad = [n for n in self.layers if not n.startswith("block.") or n.count(".") != 1]
+        if bad:
+            raise BadInputError(f"adaln (DiTF) applies to transformer blocks block.K only, not {bad[0]!r}")
 
     # ------------------------------------------------------------------ description
     @property
@@ -174,6 +196,8 @@ class FeatureExtractor(nn.Module):
             "latent": self.latent, "prompt": self.prompt, "dtype": str(self.backbone.dtype).replace("torch.", ""),
             "resolution": self.resolution, "resize": self.resize, "difffeat_version": __version__,
             **({"freeu": self._freeu_name} if self.freeu else {}),
+            "adaln": self.adaln, "discard_channels": list(self.discard_channels),
+            "denoiser_weights": self.backbone.denoiser_weights, "time_shift": self.backbone.adapter.time_shift,
         }
 
     @property
@@ -186,7 +210,15 @@ class FeatureExtractor(nn.Module):
                 "resize": self.resize, "dtype": dtype_name(bb.dtype), "device": str(bb.device),
                 "max_batch": self.max_batch, "compile": self.compiled, "early_exit": self.early_exit,
                 "attention_heads": self.attention_heads, "use_t5": bb.use_t5, "random_weights": bb._random,
-                "prompt_cache": bb.prompt_cache_dir, "freeu": self._freeu_spec}
+                "prompt_cache": bb.prompt_cache_dir, "freeu": self._freeu_spec,
+                **self._optional_config()}
+
+    def _optional_config(self) -> dict[str, Any]:
+        """Settings recorded only when used, so configs (and checkpoints) of plain extractors keep
+        the keys they always had."""
+        opt = {"adaln": self.adaln or None, "discard_channels": list(self.discard_channels) or None,
+               "denoiser_weights": self.backbone.denoiser_weights, "time_shift": self.backbone.adapter.time_shift or None}
+        return {k: v for k, v in opt.items() if v is not None}
 
     @property
     def device(self) -> torch.device:
@@ -299,7 +331,20 @@ class FeatureExtractor(nn.Module):
                     if key not in sums:
                         sums[key] = torch.zeros((B, *f.shape[1:]), device=f.device, dtype=torch.float32)
                     sums[key].index_add_(0, img_of_row[r0:r1][sel], f[sel])
-        return {k: sums[k] / E for k in self.keys}
+        return self._finish({k: v / E for k, v in sums.items()})
+
+    def _finish(self, means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ensemble means -> outputs: DiTF's channel discard and AdaLN modulation when asked."""
+        out = {}
+        for layer in self.layers:
+            for t in self.timesteps:
+                key = self._key(layer, t)
+                if self.adaln:
+                    shift, scale = means[self._key(layer + MOD, t)].chunk(2, dim=1)
+                    out[key] = modulate(means[key], shift, scale, self._adaln_eps, self.discard_channels)
+                else:
+                    out[key] = discard(means[key], self.discard_channels)
+        return out
 
     def run_denoiser(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """One hooked denoiser call on noisy inputs; returns the raw (non-averaged) layer maps."""
@@ -320,7 +365,11 @@ class FeatureExtractor(nn.Module):
 
             return hook
 
-        handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
+        if self.adaln:
+            handles = [self._modules_by_name[n].register_forward_pre_hook(self._adaln_hook(n, captured, hw, last),
+                                                                          with_kwargs=True) for n in anchors]
+        else:
+            handles = [self._modules_by_name[n].register_forward_hook(make_hook(n)) for n in anchors]
         attention = self._attention.capture() if self._attention else contextlib.nullcontext({})
         freeu = self.freeu.active() if self.freeu else contextlib.nullcontext()
         try:
@@ -334,6 +383,20 @@ class FeatureExtractor(nn.Module):
             for h in handles:
                 h.remove()
         return self.freeu.scale_stored(captured) if self.freeu else captured
+
+    def _adaln_hook(self, name: str, captured: dict[str, torch.Tensor], hw: tuple[int, int], last: str | None):  # type: ignore[no-untyped-def]
+        """Pre-hook of block ``name``: its input (as a map) and its (shift, scale); the deepest one
+        ends the forward before its block runs (nothing of it is needed)."""
+        adapter = self.backbone.adapter
+
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+            x, shift, scale, self._adaln_eps = adapter.adaln_input(module, kwargs)
+            captured[name] = as_map(x, hw, adapter.patch)
+            captured[name + MOD] = torch.cat([shift, scale], dim=1)
+            if name == last:
+                raise _StopForward
+
+        return hook
 
     # ------------------------------------------------------------------ speed
     def compile_denoiser(self) -> None:

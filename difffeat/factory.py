@@ -15,7 +15,7 @@ from .registry import DEFAULT_MODEL, MODELS, get_preset, is_feature_model, metho
 
 # what a fusion preset fixes per source (give them in its YAML, or build the FusedExtractor yourself)
 _PER_SOURCE = ("layers", "timesteps", "ensemble", "noise", "latent", "prompt", "class_label", "resolution", "resize",
-               "freeu", "window")
+               "freeu", "window", "adaln", "discard_channels")
 
 
 def create(
@@ -47,6 +47,10 @@ def create(
     backbone: DiffusionBackbone | None = None,
     freeu: Any = None,
     window: int | None = None,
+    adaln: bool | None = None,
+    discard_channels: Sequence[int] | None = None,
+    denoiser_weights: str | None = None,
+    time_shift: bool | None = None,
 ) -> Extractor:
     """Create a feature extractor from a model preset, a method preset, a local folder or a hub id.
 
@@ -65,9 +69,14 @@ def create(
     ``freeu`` turns FreeU on in the decoder (:mod:`difffeat.freeu`, GeoAware-SC); ``window`` runs
     ODISE's sliding window of that crop size over the prepared image (:mod:`difffeat.sliding`,
     SD-DINO / GeoAware-SC).
+    ``adaln`` / ``discard_channels``: DiTF's post-processing (FLUX, SD3; :mod:`difffeat.adaln`).
+    ``denoiser_weights``: a diffusers-format state dict (``FILE`` or ``REPO:FILE``) replacing the
+    denoiser's weights (CleanDIFT; :mod:`difffeat.denoiser_weights`); method presets may set it.
+    ``time_shift``: FLUX's resolution-dependent shift of t (see :func:`~difffeat.backbone.load_backbone`).
     """
     given = dict(layers=layers, timesteps=timesteps, ensemble=ensemble, noise=noise, latent=latent, prompt=prompt,
-                 class_label=class_label, resolution=resolution, resize=resize, freeu=freeu, window=window)
+                 class_label=class_label, resolution=resolution, resize=resize, freeu=freeu, window=window,
+                 adaln=adaln, discard_channels=discard_channels)
     common = dict(dtype=dtype, device=device, random_weights=random_weights, max_batch=max_batch, compile=compile,
                   seed=seed, use_t5=use_t5, prompt_cache=prompt_cache)
     settings: dict[str, Any] = {}
@@ -89,8 +98,10 @@ def create(
         opts = precedence(given, settings, model_defaults)
         return DinoExtractor(name, layers=opts["layers"], resolution=opts["resolution"], resize=opts["resize"],
                              dtype=dtype, device=device, random_weights=random_weights, weights=weights, **(model_kwargs or {}))
+    swap = denoiser_weights or (preset.extract.get("denoiser_weights") if preset is not None else None)
     bb = backbone or load_backbone(name, dtype=dtype, device=device, random_weights=random_weights,
-                                   use_t5=use_t5, prompt_cache=prompt_cache)
+                                   use_t5=use_t5, prompt_cache=prompt_cache, denoiser_weights=swap,
+                                   time_shift=bool(time_shift))
     return _create_diffusion(bb, precedence(given, settings, model_defaults), seed=seed, max_batch=max_batch,
                              compile=compile, early_exit=early_exit, attention_heads=attention_heads)
 
@@ -101,7 +112,7 @@ def _create_diffusion(bb: DiffusionBackbone, opts: dict[str, Any], **fixed: Any)
     from .extractor import FeatureExtractor
 
     library = dict(layers=_default_layers(bb), timesteps=(min(261, bb.num_train_timesteps - 1),), ensemble=1,
-                   noise="random", latent="mean", prompt="", resize="resize")
+                   noise="random", latent="mean", prompt="", resize="resize", adaln=False, discard_channels=())
     opts = precedence(opts, library)
     window = opts.pop("window")
     ex = FeatureExtractor(bb, **fixed, **{**opts, "ensemble": int(opts["ensemble"])})

@@ -31,7 +31,7 @@ class ModelPreset:
 
     name: str
     hub_id: str
-    family: str  # sd | sdxl | pixel | dit | sd3 | pixart | dinov2
+    family: str  # sd | sdxl | pixel | dit | sd3 | flux | pixart | dinov2 | dinov3
     resolution: int
     layers: tuple[str, ...]
     timesteps: tuple[int, ...] = (0,)
@@ -63,6 +63,9 @@ _CLEANDIFT_SRC = (
     "CleanDIFT (Stracke et al., CVPR 2025) reports PixArt (and FLUX) features underperform SD 1.x/2.x for "
     "semantic correspondence: prefer sd21 there"
 )
+_DITF_SRC = ("DiTF (Gan et al., NeurIPS 2025, github ganchaofan0000/DiTF eval_spair.sh): FLUX.1-dev k=28 t=260 "
+             "ensemble 8 at 640², AdaLN + channel discard (preset `ditf`): SPair-71k PCK@0.1 67.1 (paper, not verified "
+             "here); raw block features without AdaLN: 29.9")
 # middle block; t with the signal-to-noise ratio of DIFT's t=261 on SD (alpha_bar = 0.656)
 _SNR_SRC = "unvalidated: middle block, t={t} = the {model} timestep ({what}) with the SNR of DIFT's SD t=261"
 
@@ -74,6 +77,7 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                   "tokenizer_3", "scheduler")
+FLUX_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 OPENRAIL_M = "CreativeML OpenRAIL-M"
 OPENRAIL_PP = "CreativeML Open RAIL++-M"
 STABILITY_COMMUNITY = "Stability AI Community License"
@@ -181,6 +185,19 @@ MODELS: dict[str, ModelPreset] = {
             size="~12-22 GB (T5-XXL encoder; depends on stored precision)",
             unconfirmed="licence tag and stored precision of the T5 encoder not confirmed",
         ),
+        *[
+            ModelPreset(
+                f"flux-{v}", f"black-forest-labs/FLUX.1-{v}", "flux", 640, ("block.28",), (260,), 1,
+                source=_DITF_SRC,
+                description=f"FLUX.1-{v}: 19 double-stream + 38 single-stream blocks x 3072 (block.0-18, block.19-56), "
+                "rectified flow on 2x2-packed 16-channel latents, CLIP-L pooled + T5-XXL (optional: use_t5=False "
+                "feeds zeros)" + (", guidance embedding (3.5)." if v == "dev" else ", timestep-distilled (no guidance)."),
+                license="FLUX.1 [dev] Non-Commercial License" if v == "dev" else "Apache-2.0",
+                gated=v == "dev", components=FLUX_COMPONENTS, size="~34 GB bf16 (~24 GB transformer, ~9.5 GB T5-XXL)",
+                unconfirmed="component sizes estimated from parameter counts (12B transformer, 4.7B T5), not measured",
+            )
+            for v in ("dev", "schnell")
+        ],
     ]
 }
 
@@ -217,6 +234,9 @@ MODELS["difffeat-tiny"] = ModelPreset(
     license="Apache-2.0 (difffeat's own)", components=("unet", "scheduler"), size="20 MB, in the package",
 )
 DEFAULT_MODEL = "difffeat-tiny"
+# Configs without weights shipped in the package, for shape probes of models too big to fetch
+# (`difffeat layers flux-dev --random-weights`): denoiser, VAE and scheduler configs only.
+CONFIG_SKELETONS = {name: Path(__file__).parent / "assets" / "configs" / name for name in ("flux-dev", "flux-schnell")}
 
 # DINOv2 through timm (Oquab et al. 2023). Layer names are block.i (0-based).
 for _size, _depth in (("s", 12), ("b", 12), ("l", 24), ("g", 40)):
@@ -232,6 +252,24 @@ for _size, _depth in (("s", 12), ("b", 12), ("l", 24), ("g", 40)):
             size={"s": "~0.09 GB", "b": "~0.35 GB", "l": "~1.2 GB", "g": "~4.5 GB"}[_size] + " fp32",
             unconfirmed="timm's hub repo is timm/<name>; its licence tag was not confirmed (DINOv2 is Apache-2.0)",
         )
+
+
+# DINOv3 through timm (Siméoni et al., Meta, Aug. 2025): ViT/16 with 4 register tokens + CLS
+# (timm drops all 5 prefix tokens from features_only maps), ImageNet mean/std (lvd1689m weights).
+DINOV3_LICENSE = "DINOv3 License (Meta; not an open-source licence)"
+for _short, (_arch, _depth, _gb) in {"s": ("small", 12, "~0.09"), "s-plus": ("small_plus", 12, "~0.11"),
+                                     "b": ("base", 12, "~0.34"), "l": ("large", 24, "~1.2"),
+                                     "h-plus": ("huge_plus", 32, "~3.4")}.items():
+    _name = f"dinov3-{_short}"
+    MODELS[_name] = ModelPreset(
+        _name, f"vit_{_arch}_patch16_dinov3.lvd1689m", "dinov3", 960, (f"block.{_depth - 1}",), (0,), 1, resize="snap",
+        source="unvalidated: last block, 960 px = the 60x60 grid of SD-DINO's DINOv2 at 840 px",
+        description=f"DINOv3 ViT-{_short.upper().replace('-PLUS', '+')}/16 (timm, LVD-1689M), 4 registers dropped.",
+        license=DINOV3_LICENSE, gated=True, components=("model.safetensors",), size=f"{_gb} GB fp32",
+        unconfirmed="gating of the timm/ hub repo not confirmed (the facebook/dinov3-* repos are gated); "
+        "sizes estimated from parameter counts",
+    )
+FEATURE_FAMILIES = ("dinov2", "dinov3")  # plain feature networks (timm), not diffusion models
 
 
 @dataclass(frozen=True)
@@ -340,7 +378,7 @@ def get_preset(name: str) -> MethodPreset:
 
 def is_feature_model(preset: ModelPreset | None) -> bool:
     """Whether a model preset is a plain feature network (DINOv2 through timm), not a diffusion model."""
-    return preset is not None and preset.family == "dinov2"
+    return preset is not None and preset.family in FEATURE_FAMILIES
 
 
 # diffusers' infer_diffusers_model_type -> the preset whose configs fit a single-file checkpoint
@@ -351,7 +389,7 @@ MODEL_TYPE_PRESETS = {"v1": "sd15", "xl_base": "sdxl-base", "sd3": "sd3-medium",
 
 def single_file_preset(preset: ModelPreset) -> bool:
     """Whether a preset's configs can rebuild a single-file checkpoint (a latent diffusers pipeline)."""
-    return preset.family not in ("dinov2", "pixel")
+    return preset.family not in (*FEATURE_FAMILIES, "pixel")
 
 
 def find_repo_preset(repo_id: str) -> ModelPreset | None:
@@ -379,7 +417,7 @@ def resolve(name: str) -> tuple[str, ModelPreset | None]:
 
     if name in MODELS:
         p = MODELS[name]
-        if p.family == "dinov2" or os.path.isdir(p.hub_id):  # timm resolves DINOv2 itself
+        if p.family in FEATURE_FAMILIES or os.path.isdir(p.hub_id):  # timm resolves DINOv2/v3 itself
             return p.hub_id, p
         return str(resolve_hub(name)), p
     if is_checkpoint_file(name):

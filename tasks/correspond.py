@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from difffeat.cli import model_options
+from difffeat.cli import model_options, postprocess_options
 from difffeat.errors import BadInputError, one_of
 from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_units
 from difffeat.fusion import l2_normalize, resample
@@ -317,7 +317,8 @@ def build_pipeline(preset: str | None = "dift", *, matching: dict[str, Any] | No
         return create(p.name, model=model, layers=list(opts["layers"]) or None,
                       timesteps=list(opts["timesteps"]) or None, ensemble=opts["ensemble"], prompt=opts["prompt"],
                       noise=opts["noise"], seed=opts["seed"], resolution=opts["resolution"], resize=opts["resize"],
-                      dtype=opts["dtype"], device=opts["device"], max_batch=opts["max_batch"], compile=opts["compile_"])
+                      dtype=opts["dtype"], device=opts["device"], max_batch=opts["max_batch"], compile=opts["compile_"],
+                      **postprocess_options(**opts))
 
     return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=opts["prompt"],
                               name=p.name, preset=p.raw, factory=factory)

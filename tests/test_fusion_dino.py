@@ -86,3 +86,45 @@ def test_sd_dino_preset_is_faithful() -> None:
     assert (src_sd["resolution"], src_dino["resolution"], p.raw["fusion"]["grid"]) == (960, 840, 60)
     assert (src_dino["model"], src_dino["layers"]) == ("dinov2-b", ["block.11"])
     assert src_sd["weight"] == src_dino["weight"] == 0.5
+
+
+def test_dinov3_patch16_registers_dropped_and_fusion(tmp_path: Path, tiny_sd) -> None:  # type: ignore[no-untyped-def]
+    """DINOv3 through timm: 16-px patches, CLS + 4 register tokens dropped, saved/loaded weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    full = timm.create_model("vit_small_patch16_dinov3", pretrained=False, depth=2, dynamic_img_size=True)
+    assert full.num_prefix_tokens == 5  # CLS + 4 registers
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "v3.safetensors"))
+    v3 = DinoExtractor("dinov3-s", layers=["block.1"], weights=str(tmp_path / "v3.safetensors"), device="cpu",
+                       dtype="fp32", depth=2)
+    assert v3.feature_info[0]["stride"] == 16 and v3.geometry.multiple == 16
+    x = torch.rand(1, 3, 48, 64)
+    tokens = full.forward_intermediates((x - v3.mean) / v3.std, indices=[1], return_prefix_tokens=True,
+                                        intermediates_only=False, output_fmt="NCHW")[1][0]
+    torch.testing.assert_close(v3(x)["block.1"], tokens[0])  # patch tokens only, as a 3x4 map
+    assert v3(x)["block.1"].shape == (1, 384, 3, 4)
+    sd = difffeat.create(tiny_sd.source, backbone=tiny_sd, layers=["up.0", "up.1"], timesteps=[100], noise="fixed",
+                         resolution=64)
+    fx = FusedExtractor([sd, v3], [0.5, 0.5], [4, None], grid=4)
+    out = fx(torch.rand(2, 3, 64, 64))["fused"]
+    assert out.shape == (2, 4 + 4 + 384, 4, 4)
+    torch.testing.assert_close(out[:, :8].norm(dim=1), torch.full((2, 4, 4), 0.5))
+    torch.testing.assert_close(out[:, 8:].norm(dim=1), torch.full((2, 4, 4), 0.5))
+
+
+def test_dinov3_presets_and_new_fusion_combinations() -> None:
+    from difffeat.registry import MODELS, is_feature_model
+
+    for size, arch, last in (("s", "small", 11), ("b", "base", 11), ("l", "large", 23)):
+        p = MODELS[f"dinov3-{size}"]
+        assert p.hub_id == f"vit_{arch}_patch16_dinov3.lvd1689m" and p.layers == (f"block.{last}",)
+        assert is_feature_model(p) and p.gated and "DINOv3 License" in p.license
+    for name, diffusion in (("sd-dinov3", "sd15"), ("flux-dinov3", "flux-dev")):
+        p = difffeat.registry.get_preset(name)
+        src, dino = p.raw["fusion"]["sources"]
+        assert p.raw["paper_results"] is None and "NEW COMBINATION" in Path(p.path).read_text()
+        assert (src["model"], src["pca"], dino["model"], dino["pca"], p.raw["fusion"]["grid"]) == (diffusion, 256, "dinov3-b", None, 60)
+        assert src["weight"] == dino["weight"] == 0.5 and p.raw["matching"]["metric"] == "l2"
+    assert difffeat.registry.get_preset("flux-dinov3").raw["fusion"]["sources"][0]["adaln"] is True

@@ -221,8 +221,8 @@ def test_family_knowledge_lives_only_in_the_adapters() -> None:
     root = Path(difffeat.__file__).parent
     names = [f.name for f in fam.FAMILIES]
     pattern = re.compile(r"[\"'](%s|UNet2DConditionModel|UNet2DModel|SD3Transformer2DModel|"
-                         r"PixArtTransformer2DModel|DiTTransformer2DModel|JointTransformerBlock)[\"']" % "|".join(names))
+                         r"PixArtTransformer2DModel|DiTTransformer2DModel|JointTransformerBlock|FluxTransformer2DModel)[\"']" % "|".join(names))
     offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if "families" not in p.parts and p.name != "registry.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == []
-    assert sorted(names) == ["dit", "pixart", "pixel", "sd", "sd3", "sdxl"]
+    assert sorted(names) == ["dit", "flux", "pixart", "pixel", "sd", "sd3", "sdxl"]

@@ -223,7 +223,7 @@ def build_tiny_sd3(root: Path, with_t5: bool = True, sd35: bool = True) -> Path:
     """SD3.5-shaped (``sd35=False``: SD3-medium-shaped): 2 joint blocks (block 0 with SD3.5's extra
     image attention, RMS qk-norm), 16-channel VAE with shift, CLIP-L/G-like encoders with
     projections, optional T5, flow matching."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTokenizer, T5Tokenizer
 
     vocab = write_tokenizer(root / "tokenizer")
@@ -234,11 +234,7 @@ def build_tiny_sd3(root: Path, with_t5: bool = True, sd35: bool = True) -> Path:
                                num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
                                pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16,
                                dual_attention_layers=(0,) if sd35 else (), qk_norm="rms_norm" if sd35 else None)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64,
-                        scaling_factor=1.5305, shift_factor=0.0609)
+    vae = _vae16(scaling_factor=1.5305, shift_factor=0.0609)
     comps = {
         "transformer": tr, "vae": vae,
         "text_encoder": _text_encoder(vocab, 32, with_projection=True),
@@ -250,6 +246,45 @@ def build_tiny_sd3(root: Path, with_t5: bool = True, sd35: bool = True) -> Path:
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
     }
     return _save(root, comps, "StableDiffusion3Pipeline")
+
+
+def _vae16(**kw):  # type: ignore[no-untyped-def]
+    """A 16-channel x8 VAE with a latent shift (SD3's and FLUX's layout)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=64, **kw)
+
+
+# FLUX.1's scheduler config (black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json)
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+
+
+def build_tiny_flux(root: Path, guidance: bool = True, with_t5: bool = True) -> Path:
+    """FLUX.1-shaped (``guidance=True``: dev, False: schnell): 2 double-stream + 3 single-stream
+    blocks, 16-channel VAE packed 2x2 (in_channels 64), RoPE axes, CLIP (pooled) + optional T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    vocab = write_tokenizer(root / "tokenizer")
+    t5_vocab = write_t5_tokenizer(root / "tokenizer_2")
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=32,
+                                guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    comps = {
+        "transformer": tr, "vae": _vae16(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                                         use_post_quant_conv=False),
+        "text_encoder": _text_encoder(vocab, 32),
+        "text_encoder_2": _t5_encoder(t5_vocab, 24) if with_t5 else None,
+        "tokenizer": CLIPTokenizer.from_pretrained(str(root / "tokenizer")),
+        "tokenizer_2": T5Tokenizer.from_pretrained(str(root / "tokenizer_2")) if with_t5 else None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+    }
+    return _save(root, comps, "FluxPipeline")
 
 
 def two_region_image(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, int]:

@@ -10,13 +10,14 @@ from torch import nn
 from ..errors import DiffFeatError
 from .base import ClassFamily, Family, TextFamily
 from .dit import DiT
+from .flux import Flux
 from .pixart import PixArt
 from .pixel import Pixel
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL
 
-FAMILIES: tuple[type[Family], ...] = (SDXL, SD, Pixel, SD3, PixArt, DiT)
+FAMILIES: tuple[type[Family], ...] = (SDXL, SD, Pixel, SD3, Flux, PixArt, DiT)
 
 
 def family_of(denoiser: nn.Module, source: str = "") -> type[Family]:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..adaln import adaln_zero_input
 from ..components import TEXT_ENCODER_KEYS, ModelParts, is_t5
 from ..conditioning import batch_rows
 from ..errors import BadInputError, DiffFeatError
@@ -29,6 +30,9 @@ class Family:
     name: ClassVar[str] = ""
     text: ClassVar[bool] = False  # conditioned on text prompts
     compile_targets: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock", "ResnetBlock2D")
+    adaln: ClassVar[bool] = False  # blocks carry diffusers' AdaLN-Zero norms (DiTF post-processing applies)
+    supports_time_shift: ClassVar[bool] = False  # flow_sigma can apply the pipeline's resolution shift
+    time_shift: bool = False  # set by load_backbone(time_shift=True)
 
     def __init__(self, parts: ModelParts) -> None:
         self.parts = parts
@@ -62,12 +66,35 @@ class Family:
         grid, ``final`` unpatchified like the model's own output (see :func:`difffeat.layers.as_map`)."""
         return as_map(self.image_stream(module, output), latent_hw, self.patch, unpatchify=name == "final")
 
+    def adaln_input(self, module: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(image tokens, shift, scale, eps) entering an AdaLN-Zero block (DiTF; see :mod:`difffeat.adaln`)."""
+        return adaln_zero_input(module, kwargs)
+
     def check_input(self, x_t: torch.Tensor) -> None:
         """Refuse latents the denoiser cannot run (one line)."""
 
     def timestep_input(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep value the denoiser is fed (t itself for every family so far)."""
         return t.to(self.parts.device)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the backbone noises (the denoiser's input unless it packs)."""
+        return int(self.parts.config.in_channels)
+
+    def flow_sigma(self, t: torch.Tensor, latent_hw: tuple[int, int], num_train_timesteps: int) -> torch.Tensor:
+        """Flow matching: the σ of timestep ``t`` (σ = t / T, the scheduler's ``timesteps = sigmas * T``)."""
+        return t.float() / num_train_timesteps
+
+    def denoiser_inputs(self, x_t: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any],
+                        num_train_timesteps: int) -> tuple[Any, dict[str, Any]]:
+        """The denoiser's first argument and keyword arguments for latents ``x_t`` at timesteps ``t``
+        ([B]) with conditioning ``kwargs`` (FLUX packs the latents and adds its RoPE ids here)."""
+        return x_t, {**kwargs, "timestep": self.timestep_input(t)}
+
+    def denoiser_output(self, out: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output in the latent's layout (FLUX unpacks its tokens)."""
+        return out
 
     # ------------------------------------------------------------------ conditioning
     @property

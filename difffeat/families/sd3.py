@@ -23,6 +23,7 @@ T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length default
 class SD3(TextFamily):
     name = "sd3"
     embed_dim_key = "joint_attention_dim"
+    adaln = True
     compile_targets = ("JointTransformerBlock",)
 
     @classmethod
