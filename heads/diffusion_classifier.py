@@ -579,7 +579,9 @@ class DiffusionClassifier:
         row_pair = torch.arange(P, device=dev).repeat_interleave(Ka)
         row_cls = torch.arange(Ka, device=dev).repeat(P)
         R = P * Ka
-        B = min(self.max_batch, R)  # a racing round smaller than max_batch runs as one call
+        # one call per max_batch rows; a compiled denoiser (static_batches) sees max_batch rows always,
+        # also in racing rounds smaller than that, so variable round sizes never recompile it
+        B = self.max_batch if self.static_batches else min(self.max_batch, R)
         out = torch.empty((R,), device=dev)
         for r0 in range(0, R, B):
             r1 = min(R, r0 + B)
