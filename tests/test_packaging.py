@@ -1,8 +1,11 @@
 """The installed package holds every sub-package (a wheel, not only an editable install)."""
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 
