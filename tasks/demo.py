@@ -71,7 +71,8 @@ DENSE_EPOCHS = 12
 HEAD_WIDTH = 32         # narrow heads: they run at the full 64x64 resolution on a CPU
 DENSE_BATCH = 4
 EDGE_THRESHOLDS = 19    # edge F-measure thresholds (BSDS uses 99; the matching dominates the edge task's time)
-DIRE_STEPS = 3          # DDIM steps of DIRE's inversion and reconstruction (evenly spaced over [0, 999])
+DIRE_STEPS = 3          # DDIM steps of DIRE's inversion and reconstruction (the preset's guided-diffusion
+                        # respacing: t = 0, 334, 668; linspace up to 999 inverts the ranking under that rule)
 SAMPLE_STEPS = 6        # DDIM steps of difffeat-tiny's samples (the fakes) ...
 SAMPLE_GUIDANCE = 2.0   # ... with classifier-free guidance, as the model card's samples
 VIEW_SCALE = 3          # PNGs show the 64x64 scenes at 3x
@@ -369,7 +370,7 @@ def demo_detect(test: Path, generated: Path, out: Path, seed: int, device: str |
     real_paths = list_images(test / "images")
     labels = [CLASSES.index(p.parent.name) for p in sorted((test / "by_class").rglob("*.png"), key=lambda q: q.name)]
     fake_paths = generate_samples(generated, labels, seed, device)  # the classes of the real scenes
-    dire = {"resolution": 64, "steps": DIRE_STEPS, "spacing": "linspace", "max_batch": BATCH}
+    dire = {"resolution": 64, "steps": DIRE_STEPS, "max_batch": BATCH}  # the preset's spacing and pairing
     det = detector_from_preset("dire-adm256", MODEL, dire=dire, device=device)
     run = FolderRun(echo=lambda m: click.echo(m, err=True))
     _, r = score_paths(det, real_paths, BATCH, run, desc="real")
