@@ -418,7 +418,7 @@ def dire_detector(s: Session, steps: int) -> Any:
     name = "dire-adm256" if bb.vae is None else "dire-sd"
     res = s.model_defaults()["resolution"]
     settings = DireSettings.from_dict({**get_detect_preset(name)["detect"].get("dire", {}), "steps": int(steps),
-                                       "resolution": res, "spacing": "linspace"})
+                                       "resolution": res})  # the preset's spacing and pairing (its reference's)
     cfg = {"preset": name, "score": "dire", "dire": settings.to_dict()}
     return s.cache.get(("dire", settings.to_dict().__repr__()),
                           lambda: Detector(cfg, settings.resolution, settings.resize, bb=bb, settings=settings))
