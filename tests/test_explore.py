@@ -201,7 +201,7 @@ def test_dire_score_matches_the_detect_task(sess: S.Session) -> None:
 
     img = sess.scenes[0].image
     emap, text = V.detect_view(sess, img, "DIRE", 2)
-    det = detector_from_preset("dire-adm256", "difffeat-tiny", dire={"resolution": 64, "steps": 2, "spacing": "linspace"},
+    det = detector_from_preset("dire-adm256", "difffeat-tiny", dire={"resolution": 64, "steps": 2},
                                device="cpu")
     want = float(det(pil_to_tensor(img)[None])["score"][0])
     assert f"DIRE score {want:.4f}" in text and emap.size == (64, 64)
