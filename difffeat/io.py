@@ -372,11 +372,6 @@ def remove_stale_temps(folder: str | os.PathLike, pattern: str = "**/.*.tmp") ->
     return n
 
 
-def check_writable(path: Path, overwrite: bool) -> bool:
-    """Return True if ``path`` should be (re)written; False means 'finished, skip it'."""
-    return overwrite or not Path(path).exists()
-
-
 def save_features(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, object]
 ) -> None:

@@ -80,7 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from difffeat.backbone import DiffusionBackbone, compile_denoiser
-from difffeat.errors import BadInputError, DiffFeatError
+from difffeat.errors import BadInputError
 from difffeat.io import image_key
 from difffeat.noise import key_seed
 

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from difffeat.cli import extractor_from_options, model_options
-from difffeat.errors import BadInputError, DiffFeatError, one_of
+from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
 )
@@ -166,11 +166,6 @@ def csv_sink(path: Path) -> CsvSink:
 def read_csv(path: Path) -> dict[str, dict[str, str]]:
     """Rows of an existing predictions CSV keyed by image (cut or malformed lines are ignored)."""
     return csv_sink(path).rows()
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row (writing the header first if the file is new) and flush it to disk."""
-    csv_sink(path).append(row)
 
 
 def make_row(image: str, ranked: Sequence[tuple[Any, ...]], score: float, topk: int) -> dict[str, Any]:
