@@ -150,6 +150,25 @@ def extract_folder(
                       desc="images", max_side=working_side(ex), bytes_per_item=feature_bytes(ex, save_dtype))
 
 
+def extract_images(ex: Any, images: str | os.PathLike, out_dir: str | os.PathLike, run: Any, *,
+                   latent: str | None = None, save_dtype: str = "fp16", viz_key: str | None = None,
+                   shard_size: int | None = None, model: str | None = None) -> FolderRun:
+    """``difffeat extract``: per-image files, or shards of ``shard_size`` images with a JSONL
+    index. ``run`` holds ``batch_size`` and ``overwrite`` (:class:`difffeat.options.FolderOptions`)."""
+    if not ex.per_image:
+        raise BadInputError(f"{model} fits its co-PCA on each image pair, so per-image features would depend "
+                            "on the batch; use `difffeat correspond`, or extract its sources (e.g. -m sd15, -m dinov2-b) apart")
+    if latent is not None and hasattr(ex, "latent"):
+        ex.latent = latent
+    if shard_size is not None:
+        from .shards import extract_folder_sharded
+
+        return extract_folder_sharded(ex, images, out_dir, shard_size=shard_size, batch_size=run.batch_size,
+                                      save_dtype=save_dtype, overwrite=run.overwrite)
+    return extract_folder(ex, images, out_dir, batch_size=run.batch_size, save_dtype=save_dtype, viz_key=viz_key,
+                          overwrite=run.overwrite)
+
+
 def working_side(ex: Any) -> int | None:
     """How large an image the loader must keep for ``ex`` (4x its input size), or None (native size)."""
     from .io import REDUCE_GAP

@@ -213,7 +213,7 @@ def test_command_defaults_are_local_and_exposure_warns(monkeypatch) -> None:  # 
     from click.testing import CliRunner
 
     from difffeat.cli import cli, load_task_commands
-    from difffeat.explore.command import check_gradio, exposure_warning
+    from difffeat.explore.launch import check_gradio, exposure_warning
 
     load_task_commands()
     out = CliRunner().invoke(cli, ["explore", "--help"]).output

@@ -5,29 +5,6 @@ import os
 
 import click
 
-from difffeat.errors import DiffFeatError
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def check_gradio() -> None:
-    """Raise one line when the ``[explore]`` extra is not installed."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise DiffFeatError('difffeat explore needs the browser extra: pip install "difffeat[explore]"') from None
-
-
-def exposure_warning(host: str, share: bool) -> str | None:
-    """The warning printed when the app is reachable beyond this machine (None when local)."""
-    if share:
-        return ("warning: --share opens a public gradio.live link to this app: anyone with the URL can run the "
-                "model and read uploads")
-    if host not in LOCAL_HOSTS:
-        return (f"warning: --host {host} serves the app to every machine that can reach this one "
-                "(no authentication); the default 127.0.0.1 keeps it local")
-    return None
-
 
 @click.command("explore")
 @click.option("-m", "--model", default=None, help="Model preset, local diffusers folder or hub id (default: the "
@@ -48,25 +25,19 @@ def explore_cmd(model: str | None, preset: str | None, port: int, host: str, sha
     With no options it runs offline on difffeat-tiny with the shapes scenes preloaded. It binds
     127.0.0.1 (this machine only) unless --host or --share say otherwise.
     """
+    from ..explore.launch import check_gradio, exposure_warning, serve
+    from ..explore.session import Session
+
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     check_gradio()
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    from .app import build_app, theme
-    from .session import Session
-
     session = Session(model=model, preset=preset, device=device, dtype=dtype, seed=seed)
     click.echo(f"difffeat explore: loading {session.model} ...", err=True)
     session.layer_names()  # load the model now, not on the first click
     warning = exposure_warning(host, share)
     if warning:
         click.echo(warning, err=True)
-    app = build_app(session)
-    app.queue(default_concurrency_limit=1)
-    try:
-        app.launch(server_name=host, server_port=port, share=share, quiet=False, show_error=False, ssr_mode=False,
-                   max_file_size="64mb", theme=theme(), footer_links=[])
-    except OSError as e:  # port taken, address not local
-        raise DiffFeatError(f"cannot serve on {host}:{port}: {str(e).splitlines()[0]}; choose another --port") from None
+    serve(session, host, port, share)
