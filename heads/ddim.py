@@ -135,6 +135,16 @@ def _levels(bb: DiffusionBackbone, steps: int, spacing: str, device: torch.devic
     return ts, [ac[t] for t in ts]
 
 
+def _start(bb: DiffusionBackbone, x: torch.Tensor, steps: int, cond: Conditioning | None, spacing: str,
+           pairing: str) -> tuple[torch.Tensor, Conditioning, list[int], list[torch.Tensor]]:
+    """What inversion and sampling both begin with: checks, conditioning, the levels, fp32 input."""
+    check_ddim_support(bb)
+    check_pairing(pairing)
+    cond = cond if cond is not None else default_conditioning(bb, x)
+    ts, a = _levels(bb, steps, spacing, bb.device)
+    return x.to(bb.device, torch.float32), cond, ts, a
+
+
 @torch.no_grad()
 def ddim_invert(
     bb: DiffusionBackbone,
@@ -152,11 +162,7 @@ def ddim_invert(
     prompt / null class). Batched over images in chunks of ``max_batch``. ``pairing``:
     which ε each step uses (module docstring). ``steps`` denoiser calls per image.
     """
-    check_ddim_support(bb)
-    check_pairing(pairing)
-    cond = cond if cond is not None else default_conditioning(bb, x0)
-    ts, a = _levels(bb, steps, spacing, bb.device)
-    x = x0.to(bb.device, torch.float32)
+    x, cond, ts, a = _start(bb, x0, steps, cond, spacing, pairing)
     zero, one = torch.zeros((), device=bb.device, dtype=torch.float64), torch.ones((), device=bb.device, dtype=torch.float64)
     for i, t in enumerate(ts):
         if pairing == "guided-diffusion":  # ε(x_i, t_i), ᾱ_i -> alphas_cumprod_next[i]
@@ -183,11 +189,7 @@ def ddim_reconstruct(
     ``guided-diffusion`` re-derives ε from the clipped x̂_0 (``ddim_sample``); ``diffusers``
     does not (``DDIMScheduler`` with ``use_clipped_model_output=False``).
     """
-    check_ddim_support(bb)
-    check_pairing(pairing)
-    cond = cond if cond is not None else default_conditioning(bb, xT)
-    ts, a = _levels(bb, steps, spacing, bb.device)
-    x = xT.to(bb.device, torch.float32)
+    x, cond, ts, a = _start(bb, xT, steps, cond, spacing, pairing)
     for i in range(len(ts) - 1, -1, -1):
         a_prev = a[i - 1] if i > 0 else torch.ones((), device=bb.device, dtype=torch.float64)
         x = ddim_step(x, _eps(bb, x, ts[i], cond, max_batch), a[i], a_prev, clip_x0, pairing == "guided-diffusion")
