@@ -28,6 +28,7 @@ use each (image, prompt, flip) and drop the features after their last use.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -37,18 +38,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from difffeat.cli import model_options, postprocess_options
-from difffeat.errors import BadInputError, one_of
 from difffeat.distributed import DistInfo, dist_info, progress_bar, rank_units
+from difffeat.errors import BadInputError, one_of
 from difffeat.fusion import l2_normalize, resample
+from difffeat.geometry import Geometry
 from difffeat.heads import matching as M
-from difffeat.io import (FolderRun, atomic_path, load_image, pil_to_tensor, prepare_image, save_json, save_png,
-                         tensor_to_pil)
+from difffeat.io import FolderRun, atomic_path, load_image, pil_to_tensor, save_json, save_png, tensor_to_pil
+from difffeat.options import ExtractorOptions, option
+from difffeat.options import replace as replace_options
 from difffeat.tasks import correspond_data as D
 
 COORDINATES = "(x, y) pixels; pixel centres at integer coordinates, (0, 0) is the centre of the top-left pixel"
@@ -122,16 +123,24 @@ class ImageFeatures:
     image: Image.Image
 
 
-def _geometry(ex: Any) -> tuple[int | None, str, int]:
-    """(resolution, resize policy, size multiple) with which ``ex`` prepares PIL images."""
-    from difffeat.fusion import FusedExtractor
-
-    if isinstance(ex, FusedExtractor):
-        ex = ex.sources[0]  # the fused grid covers every source's (alike-placed) canvas
+def _geometry(ex: Any) -> Geometry:
+    """How ``ex`` prepares PIL images: its ``geometry`` (:class:`difffeat.protocol.Extractor`; a
+    fusion's covers every source's alike-placed canvas), else a custom module's own attributes."""
     if hasattr(ex, "geometry"):
-        return ex.geometry.resolution, ex.geometry.policy, ex.geometry.multiple
-    res = getattr(ex, "resolution", None)  # a custom module: its own attributes, else the native size
-    return res, getattr(ex, "resize", "resize") if res else "snap", int(getattr(ex, "size_multiple", 1))
+        return ex.geometry
+    res = getattr(ex, "resolution", None)  # None: the native size
+    return Geometry(res, getattr(ex, "resize", "resize"), int(getattr(ex, "size_multiple", 1)))
+
+
+def _pairwise(ex: Any) -> bool:
+    """Whether ``ex``'s features of an image depend on the other images of the call
+    (``per_image`` False: co-PCA fusion, whose PCA is fitted on a pair, as SD-DINO)."""
+    if getattr(ex, "per_image", True):
+        return False
+    if not (hasattr(ex, "source_maps") and hasattr(ex, "fuse_maps")):
+        raise BadInputError(f"{type(ex).__name__} fits its features on each call's images (per_image is False) "
+                            "and offers no source_maps/fuse_maps to fuse a pair: correspondence needs one of them")
+    return True
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -177,25 +186,24 @@ class CorrespondPipeline:
         return None
 
     def frame(self, image: Image.Image) -> Frame:
-        res, policy, multiple = _geometry(self.extractor)
+        geometry = _geometry(self.extractor)
         h, w = image.height, image.width
-        if policy == "resize":
+        if geometry.policy == "resize":
             return Frame((h, w), (h, w), (0, 0, w, h))
-        p = prepare_image(image, res, policy, multiple)  # type: ignore[arg-type]
+        p = geometry.prepare_one(image)
         return Frame((h, w), (int(p.image.shape[-2]), int(p.image.shape[-1])), p.content_box)
 
     @torch.no_grad()
     def image_features(self, image: Image.Image, category: str | None = None, flip: bool = False) -> ImageFeatures:
-        """Features of one PIL image (mirrored left-right when ``flip``)."""
-        from difffeat.fusion import FusedExtractor
-
+        """Features of one PIL image (mirrored left-right when ``flip``); for a pairwise extractor
+        (co-PCA fusion) its sources' layer maps, fused per pair by :meth:`descriptors`."""
         if flip:
             image = ImageOps.mirror(image)
         prompt = self.prompt_for(category)
         kw = {} if prompt is None else {"prompts": [prompt]}
         ex = self.extractor
-        if isinstance(ex, FusedExtractor):
-            raw: Any = ex.source_maps([image], **kw)  # fused per pair: co-PCA sees both images
+        if _pairwise(ex):
+            raw: Any = ex.source_maps([image], **kw)  # co-PCA sees both images of the pair
         else:
             out = ex([image], **kw)
             maps = [out[k] for k in ex.keys]
@@ -207,11 +215,9 @@ class CorrespondPipeline:
         return ImageFeatures(raw=raw, frame=self.frame(image), image=image)
 
     def descriptors(self, a: ImageFeatures, b: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``[C, h, w]`` descriptor maps of a pair (fusion presets fuse the pair jointly)."""
-        from difffeat.fusion import FusedExtractor
-
+        """The ``[C, h, w]`` descriptor maps of a pair (a co-PCA fusion fuses the pair jointly)."""
         ex = self.extractor
-        if not isinstance(ex, FusedExtractor):
+        if not _pairwise(ex):
             return a.raw, b.raw
         groups = [[torch.cat([la, lb]) for la, lb in zip(sa, sb)] for sa, sb in zip(a.raw, b.raw)]
         fused = ex.fuse_maps(groups)
@@ -285,43 +291,51 @@ _EXTRACT_KEYS = ("model", "layers", "timesteps", "ensemble", "noise", "resolutio
 
 
 def build_pipeline(preset: str | None = "dift", *, matching: dict[str, Any] | None = None,
-                   **opts: Any) -> CorrespondPipeline:
-    """A pipeline from a correspondence preset plus CLI-style overrides.
+                   options: ExtractorOptions | None = None, **overrides: Any) -> CorrespondPipeline:
+    """A pipeline from a correspondence preset plus the shared model options.
 
-    ``opts`` are the shared model options (``model``, ``layers``, ``timesteps``, ``ensemble``,
-    ``prompt``, ``noise``, ``seed``, ``resolution``, ``resize``, ``dtype``, ``device``,
-    ``max_batch``, ``compile_``); ``model`` swaps the preset's model, the others override
-    its extraction settings. ``matching`` overrides the preset's matching settings.
+    ``options`` (and ``overrides``, any :class:`~difffeat.options.ExtractorOptions` field such as
+    ``model=``, ``timesteps=``, ``device=``; ``None`` keeps the option) override the preset's
+    extraction settings; ``model`` swaps the preset's model. ``matching`` overrides the preset's
+    matching settings. The extractor is built on first use.
     """
     from difffeat.registry import get_preset
 
     p = get_preset(preset or "dift")
     if p.task != "correspond":
         raise BadInputError(f"preset {p.name!r} is a {p.task or 'feature'} preset, not a correspondence preset")
-    defaults: dict[str, Any] = dict(model=None, layers=(), timesteps=(), ensemble=None, prompt=None, noise=None,
-                                    seed=0, resolution=None, resize=None, dtype=None, device=None, max_batch=16,
-                                    compile_=False)
-    opts = {**defaults, **opts}
+    ex = replace_options(options or ExtractorOptions(), **overrides)
     settings = MatchSettings.from_dict(p.raw.get("matching"), **(matching or {}))
     if "fusion" in p.raw:
-        given = [k for k in _EXTRACT_KEYS if opts.get(k)]
+        given = [k for k in _EXTRACT_KEYS if getattr(ex, k)]
         if given:
             raise BadInputError(f"preset {p.name!r} fuses several models with fixed settings; "
                                 f"drop --{given[0].replace('_', '-')} or use a single-model preset")
 
     def factory() -> Any:  # options over the preset over the model's defaults: create's one precedence
-        from difffeat.cli import model_with_weights
-        from difffeat.factory import create
+        return ex.create(name=p.name, model=ex.model_name())  # -m PRESET --weights FILE: the file with PRESET's configs
 
-        model = model_with_weights(opts["model"], opts.get("weights"))  # -m PRESET --weights FILE
-        return create(p.name, model=model, layers=list(opts["layers"]) or None,
-                      timesteps=list(opts["timesteps"]) or None, ensemble=opts["ensemble"], prompt=opts["prompt"],
-                      noise=opts["noise"], seed=opts["seed"], resolution=opts["resolution"], resize=opts["resize"],
-                      dtype=opts["dtype"], device=opts["device"], max_batch=opts["max_batch"], compile=opts["compile_"],
-                      **postprocess_options(**opts))
-
-    return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=opts["prompt"],
+    return CorrespondPipeline(settings=settings, category_prompt=p.raw.get("category_prompt"), prompt=ex.prompt,
                               name=p.name, preset=p.raw, factory=factory)
+
+
+@dataclass
+class MatchOptions:
+    """The correspondence preset and overrides of its matching settings (``None``: the preset's)."""
+
+    preset: str = option("dift", "Correspondence preset: dift, sd-dino, geoaware-zs (difffeat models lists them).")
+    metric: str | None = option(None, "Override the preset's metric.", choices=M.METRICS)
+    mode: str | None = option(None, "argmax, mutual (adds mutual flags) or soft (window soft-argmax).",
+                              choices=M.POINT_MODES)
+    upsample: bool | None = option(None, "Score every image pixel (DIFT) or only feature cells.",
+                                   secondary="--no-upsample")
+    flip_test: bool | None = option(None, "GeoAware-SC pose alignment: match from the mirrored source when it fits "
+                                    "the target better (annotated keypoint pairs only).", secondary="--no-flip-test")
+
+    def pipeline(self, extractor: ExtractorOptions) -> CorrespondPipeline:
+        """The preset's pipeline with these matching overrides and ``extractor``'s options."""
+        overrides = dict(metric=self.metric, mode=self.mode, upsample=self.upsample, flip_test=self.flip_test)
+        return build_pipeline(self.preset, matching=overrides, options=extractor)
 
 
 # --------------------------------------------------------------------------- runs
@@ -563,41 +577,86 @@ def _run_one(pipeline: CorrespondPipeline, cache: FeatureCache, j: PairJob, out_
     save_json(out_dir / f"{j.name}.json", record)
 
 
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair], *, normaliser: str,
-             alphas: Sequence[float] = D.PCK_ALPHAS, out_dir: Path | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict[str, Any]:
-    """PCK of ``pipeline`` on annotated pairs; resumable through ``out_dir/predictions.jsonl``.
+# --------------------------------------------------------------------------- difffeat correspond
+@dataclass
+class PairOptions:
+    """Which pairs ``difffeat correspond`` matches, and what it writes for each."""
 
-    Each finished pair appends one JSON line (its predicted target keypoints, in original
-    pixels); a rerun reads them back and computes only the missing pairs. The summary is
-    written atomically to ``out_dir/pck.json``.
+    points: str | None = option(None, "Source points 'x,y;x,y' (pixels, centres at integers).")
+    points_file: Path | None = option(None, "JSON [[x, y], ...].", path=True)
+    pairs: Path | None = option(None, "CSV with columns source,target[,category][,points]: match every row.", path=True)
+    category: str | None = option(None, "Object category (DIFT prompts 'a photo of a {category}').")
+    dense: bool = option(False, "Also write per-pixel flow (.npy) and the warped source (.png).", is_flag=True)
+
+    def jobs(self, source: Path | None, target: Path | None) -> list[PairJob]:
+        """SOURCE TARGET as one job, or every row of ``--pairs``; raises one line on a bad combination."""
+        if self.points and self.points_file:
+            raise BadInputError("give --points or --points-file, not both")
+        points = parse_points(self.points) if self.points else (
+            read_points_file(self.points_file) if self.points_file else None)
+        if self.pairs is not None:
+            if source or target:
+                raise BadInputError("give SOURCE TARGET or --pairs, not both")
+            jobs = read_pairs_file(self.pairs, points)
+            for j in jobs:
+                j.category = j.category or self.category
+        elif source is None or target is None:
+            raise BadInputError("give SOURCE and TARGET images (or --pairs FILE)")
+        else:
+            jobs = [PairJob(f"{_stem(source)}__{_stem(target)}", source, target, self.category, points)]
+        if points is None and not self.dense and any(j.points is None for j in jobs):
+            raise BadInputError("give --points, --points-file or --dense")
+        return jobs
+
+
+def correspond(source: Path | None, target: Path | None, out_dir: Path, pairs: PairOptions, match: MatchOptions,
+               extractor: ExtractorOptions, overwrite: bool = False) -> FolderRun:
+    """``difffeat correspond``: match SOURCE into TARGET (or every pair of ``pairs.pairs``) into ``out_dir``.
+
+    A single pair's images and points are checked before a model loads; finished pairs are
+    skipped unless ``overwrite`` (see :func:`run_pairs`).
     """
-    acc = D.PCKAccumulator(normaliser=normaliser, alphas=tuple(alphas))
+    jobs = pairs.jobs(source, target)
+    if len(jobs) == 1 and (overwrite or not (Path(out_dir) / f"{jobs[0].name}.json").exists()):
+        src_img, _ = load_image(jobs[0].src), load_image(jobs[0].tgt)  # fail before loading a model
+        if jobs[0].points is not None:
+            check_points(jobs[0].points, (src_img.height, src_img.width))
+    return run_pairs(match.pipeline(extractor), jobs, Path(out_dir), dense=pairs.dense, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _read_predictions(pred_path: Path | None, overwrite: bool) -> dict[str, list[list[float]]]:
+    """The target keypoints an earlier run appended to ``pred_path``, by pair id (``overwrite``: none,
+    the file is deleted)."""
     done: dict[str, list[list[float]]] = {}
-    pred_path = None if out_dir is None else Path(out_dir) / "predictions.jsonl"
-    if pred_path is not None:
-        pred_path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and pred_path.exists():
-            pred_path.unlink()
-        if pred_path.exists():
-            for line in pred_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                    done[rec["pair_id"]] = rec["pred"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by an interrupted run: recompute that pair
-    todo = [p for p in sorted(pairs, key=lambda p: p.category) if p.pair_id not in done]
+    if pred_path is None:
+        return done
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and pred_path.exists():
+        pred_path.unlink()
+    if pred_path.exists():
+        for line in pred_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["pair_id"]] = rec["pred"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by an interrupted run: recompute that pair
+    return done
+
+
+def _predict(pipeline: CorrespondPipeline, todo: Sequence[D.CorrespondencePair], done: dict[str, list[list[float]]],
+             pred_path: Path | None, progress: bool) -> int:
+    """Match the source keypoints of ``todo`` into ``done`` (one JSON line each to ``pred_path``);
+    returns how many pairs the flip test flipped."""
     flip = pipeline.settings.flip_test
     partners = {p.pair_id: D.flip_partners(p) if flip else None for p in todo}
     keys = [k for p in todo for k in ((p.src_image, p.category, False), (p.tgt_image, p.category, False))]
     keys += [(p.src_image, p.category, True) for p in todo if partners[p.pair_id] is not None]
     cache = FeatureCache(pipeline, keys)
     flipped_pairs = 0
-    sink = open(pred_path, "a", encoding="utf-8") if pred_path is not None else None
     bar = progress_bar(len(todo), "pairs", DistInfo(), unit="pair", enabled=progress)
-    try:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(pred_path, "a", encoding="utf-8")) if pred_path is not None else None
         for p in todo:
             bar.update(1)
             src, tgt = cache.get(p.src_image, p.category), cache.get(p.tgt_image, p.category)
@@ -613,9 +672,24 @@ def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair]
             cache.release(p.tgt_image, p.category)
             if fsrc is not None:
                 cache.release(p.src_image, p.category, True)
-    finally:
-        if sink is not None:
-            sink.close()
+    return flipped_pairs
+
+
+@torch.no_grad()
+def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair], *, normaliser: str,
+             alphas: Sequence[float] = D.PCK_ALPHAS, out_dir: Path | None = None, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """PCK of ``pipeline`` on annotated pairs; resumable through ``out_dir/predictions.jsonl``.
+
+    Each finished pair appends one JSON line (its predicted target keypoints, in original
+    pixels); a rerun reads them back and computes only the missing pairs. The summary is
+    written atomically to ``out_dir/pck.json``.
+    """
+    acc = D.PCKAccumulator(normaliser=normaliser, alphas=tuple(alphas))
+    pred_path = None if out_dir is None else Path(out_dir) / "predictions.jsonl"
+    done = _read_predictions(pred_path, overwrite)
+    todo = [p for p in sorted(pairs, key=lambda p: p.category) if p.pair_id not in done]
+    flipped_pairs = _predict(pipeline, todo, done, pred_path, progress)
     for p in pairs:
         pred = torch.tensor(done[p.pair_id], dtype=torch.float32).reshape(-1, 2)
         acc.add(pred, p.tgt_kps, D.pck_threshold(p, normaliser), p.category)
@@ -627,121 +701,55 @@ def evaluate(pipeline: CorrespondPipeline, pairs: Sequence[D.CorrespondencePair]
     return summary
 
 
-# --------------------------------------------------------------------------- CLI
-def matching_options(f: Any) -> Any:
-    """Overrides of the preset's matching settings."""
-    opts = [
-        click.option("--preset", default="dift", show_default=True,
-                     help="Correspondence preset: dift, sd-dino, geoaware-zs (difffeat models lists them)."),
-        click.option("--metric", type=click.Choice(list(M.METRICS)), default=None,
-                     help="Override the preset's metric."),
-        click.option("--mode", type=click.Choice(list(M.POINT_MODES)), default=None,
-                     help="argmax, mutual (adds mutual flags) or soft (window soft-argmax)."),
-        click.option("--upsample/--no-upsample", default=None,
-                     help="Score every image pixel (DIFT) or only feature cells."),
-        click.option("--flip-test/--no-flip-test", default=None, help="GeoAware-SC pose alignment (eval only)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+# --------------------------------------------------------------------------- difffeat eval correspond
+@dataclass
+class EvalOptions:
+    """Which benchmark pairs ``difffeat eval correspond`` scores, and how."""
+
+    dataset: str = option("spair", "spair (SPair-71k) or pfpascal.", choices=D.DATASETS, required=True)
+    split: str = option("test", "Dataset split.")
+    normaliser: str | None = option(None, "PCK threshold: bbox (SPair default) or image (PF-Pascal default).",
+                                    choices=D.NORMALISERS)
+    alphas: tuple[float, ...] = option((), "PCK alphas (default 0.05, 0.1, 0.15).", "--alpha", multiple=True,
+                                       type=float)
+    categories: tuple[str, ...] = option((), "Only these categories (repeatable).", "--category", multiple=True,
+                                         type=str)
+    limit: int | None = option(None, "At most this many pairs (per category for SPair).", type=int)
+
+    def pairs(self, root: Path) -> list[D.CorrespondencePair]:
+        """The annotated pairs under ``root`` (the published folder formats)."""
+        kw: dict[str, Any] = {"limit": self.limit}
+        if self.categories:
+            if self.dataset != "spair":
+                raise BadInputError("--category filters SPair-71k only")
+            kw["categories"] = self.categories
+        return D.load_pairs(self.dataset, root, self.split, **kw)
 
 
-def _pipeline_from_cli(preset: str, metric: str | None, mode: str | None, upsample: bool | None,
-                       flip_test: bool | None, opts: dict[str, Any]) -> CorrespondPipeline:
-    overrides = dict(metric=metric, mode=mode, upsample=upsample, flip_test=flip_test)
-    return build_pipeline(preset, matching=overrides, **opts)
+def evaluate_dataset(root: Path, ev: EvalOptions, match: MatchOptions, extractor: ExtractorOptions,
+                     out_dir: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """``difffeat eval correspond``: PCK of a correspondence preset on SPair-71k or PF-Pascal (:func:`evaluate`)."""
+    pairs = ev.pairs(root)
+    pipeline = match.pipeline(extractor)
+    return evaluate(pipeline, pairs, normaliser=ev.normaliser or D.default_normaliser(ev.dataset),
+                    alphas=ev.alphas or D.PCK_ALPHAS, out_dir=out_dir, overwrite=overwrite)
 
 
-@click.command("correspond")
-@click.argument("source", type=click.Path(path_type=Path), required=False)
-@click.argument("target", type=click.Path(path_type=Path), required=False)
-@click.option("--points", "points_text", default=None, help="Source points 'x,y;x,y' (pixels, centres at integers).")
-@click.option("--points-file", type=click.Path(path_type=Path), default=None, help="JSON [[x, y], ...].")
-@click.option("--pairs", "pairs_file", type=click.Path(path_type=Path), default=None,
-              help="CSV with columns source,target[,category][,points]: match every row.")
-@click.option("--category", default=None, help="Object category (DIFT prompts 'a photo of a {category}').")
-@click.option("--dense", is_flag=True, help="Also write per-pixel flow (.npy) and the warped source (.png).")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option("--overwrite", is_flag=True, help="Recompute pairs whose outputs exist.")
-@matching_options
-@model_options
-def correspond_cmd(source: Path | None, target: Path | None, points_text: str | None, points_file: Path | None,
-                   pairs_file: Path | None, category: str | None, dense: bool, out_dir: Path, overwrite: bool,
-                   preset: str, metric: str | None, mode: str | None, upsample: bool | None, flip_test: bool | None,
-                   **opts: Any) -> None:
-    """Match points (or every pixel, --dense) from SOURCE into TARGET, or every pair of --pairs.
-
-    Writes <name>.json (matched points in target pixels) and <name>.png (side by side,
-    one coloured line per match) into --out; --dense adds <name>.flow.npy and
-    <name>.warped.png. Finished pairs are skipped unless --overwrite.
-    """
-    if points_text and points_file:
-        raise BadInputError("give --points or --points-file, not both")
-    points = parse_points(points_text) if points_text else (read_points_file(points_file) if points_file else None)
-    if pairs_file is not None:
-        if source or target:
-            raise BadInputError("give SOURCE TARGET or --pairs, not both")
-        jobs = read_pairs_file(pairs_file, points)
-        if category:
-            for j in jobs:
-                j.category = j.category or category
-    else:
-        if source is None or target is None:
-            raise BadInputError("give SOURCE and TARGET images (or --pairs FILE)")
-        jobs = [PairJob(f"{_stem(source)}__{_stem(target)}", source, target, category, points)]
-    if points is None and not dense and any(j.points is None for j in jobs):
-        raise BadInputError("give --points, --points-file or --dense")
-    if len(jobs) == 1 and (overwrite or not (out_dir / f"{jobs[0].name}.json").exists()):
-        src_img, _ = load_image(jobs[0].src), load_image(jobs[0].tgt)  # fail before loading a model
-        if jobs[0].points is not None:
-            check_points(jobs[0].points, (src_img.height, src_img.width))
-    pipeline = _pipeline_from_cli(preset, metric, mode, upsample, flip_test, opts)
-    run = run_pairs(pipeline, jobs, out_dir, dense=dense, overwrite=overwrite)
-    click.echo(f"{run.done} pair(s) matched, {run.skipped} skipped -> {out_dir}")
-
-
-@click.command("correspond")
-@click.argument("root", type=click.Path(path_type=Path))
-@click.option("--dataset", type=click.Choice(list(D.DATASETS)), required=True, help="spair (SPair-71k) or pfpascal.")
-@click.option("--split", default="test", show_default=True)
-@click.option("--normaliser", type=click.Choice(list(D.NORMALISERS)), default=None,
-              help="PCK threshold: bbox (SPair default) or image (PF-Pascal default).")
-@click.option("--alpha", "alphas", multiple=True, type=float, help="PCK alphas (default 0.05, 0.1, 0.15).")
-@click.option("--category", "categories", multiple=True, help="Only these categories (repeatable).")
-@click.option("--limit", type=int, default=None, help="At most this many pairs (per category for SPair).")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder for predictions.jsonl (resumable) and pck.json.")
-@click.option("--overwrite", is_flag=True, help="Discard earlier predictions in --out.")
-@matching_options
-@model_options
-def eval_correspond_cmd(root: Path, dataset: str, split: str, normaliser: str | None, alphas: tuple[float, ...],
-                        categories: tuple[str, ...], limit: int | None, out_dir: Path | None, overwrite: bool,
-                        preset: str, metric: str | None, mode: str | None, upsample: bool | None,
-                        flip_test: bool | None, **opts: Any) -> None:
-    """PCK of a correspondence preset on SPair-71k or PF-Pascal (published folder formats)."""
-    kw: dict[str, Any] = {"limit": limit}
-    if categories:
-        if dataset != "spair":
-            raise BadInputError("--category filters SPair-71k only")
-        kw["categories"] = categories
-    pairs = D.load_pairs(dataset, root, split, **kw)
-    if dataset == "pfpascal" and categories:
-        pairs = [p for p in pairs if p.category in categories]
-    norm = normaliser or D.default_normaliser(dataset)
-    pipeline = _pipeline_from_cli(preset, metric, mode, upsample, flip_test, opts)
-    summary = evaluate(pipeline, pairs, normaliser=norm, alphas=alphas or D.PCK_ALPHAS, out_dir=out_dir,
-                       overwrite=overwrite)
-    click.echo(f"{dataset} {split}: {summary['pairs']} pairs, {summary['keypoints']} keypoints, preset {pipeline.name}")
-    click.echo(D.format_pck_table(summary))
-    paper = (pipeline.preset.get("paper_results") or {}).get("spair71k" if dataset == "spair" else "pfpascal")
+def eval_report(summary: dict[str, Any], ev: EvalOptions, out_dir: Path | None) -> list[str]:
+    """What ``difffeat eval correspond`` prints: counts, the PCK table, the paper's numbers at the
+    paper's averaging next to ours, then where pck.json went (or the summary as JSON)."""
+    lines = [f"{ev.dataset} {ev.split}: {summary['pairs']} pairs, {summary['keypoints']} keypoints, "
+             f"preset {summary['preset']}", D.format_pck_table(summary)]
+    paper = (summary.get("paper_results") or {}).get("spair71k" if ev.dataset == "spair" else "pfpascal")
     if paper:
         nums = ", ".join(f"{k}: {v}" for k, v in paper.items() if k.startswith("pck"))
         averaging = str(paper.get("averaging", "per image"))
-        click.echo(f"paper ({paper.get('normaliser', '?')} normaliser, {averaging}): {nums}")
+        lines.append(f"paper ({paper.get('normaliser', '?')} normaliser, {averaging}): {nums}")
         ours = summary["category_mean"] if "categor" in averaging else summary["per_image"]
-        click.echo("difffeat, same averaging: " + ", ".join(f"pck@{a}: {v:.1f}" for a, v in ours.items()))
+        lines.append("difffeat, same averaging: " + ", ".join(f"pck@{a}: {v:.1f}" for a, v in ours.items()))
     if out_dir is not None:
-        click.echo(f"wrote {Path(out_dir) / 'pck.json'}")
+        lines.append(f"wrote {Path(out_dir) / 'pck.json'}")
     else:
-        click.echo(json.dumps({k: summary[k] for k in ("normaliser", "alphas", "per_image", "per_keypoint", "category_mean", "pairs",
-                                                       "keypoints")}))
+        keys = ("normaliser", "alphas", "per_image", "per_keypoint", "category_mean", "pairs", "keypoints")
+        lines.append(json.dumps({k: summary[k] for k in keys}))
+    return lines

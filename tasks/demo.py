@@ -45,16 +45,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import click
 import numpy as np
 import torch
 from PIL import Image
 
 from difffeat.errors import BadInputError
 from difffeat.io import list_images, load_image, save_json, save_png
+from difffeat.options import option
 
 MODEL = "difffeat-tiny"
 TASKS = ("classify", "correspond", "segment", "depth", "edges", "detect")
@@ -284,8 +285,7 @@ def demo_dense(task_name: str, data: dict[str, Path], out: Path, seed: int, devi
     from difffeat.viz import tile
 
     from .dense_data import DenseFolder
-    from .dense_predict import (DensePredictor, evaluate, extractor_device, final_prediction, format_metrics,
-                                is_relative_depth, write_depth, write_edges, write_seg)
+    from .dense_predict import DensePredictor, extractor_device, format_metrics
     from .dense_train import STATE_JSON, STATE_WEIGHTS, make_extractor, train_dense
 
     task = DENSE[task_name]
@@ -298,7 +298,23 @@ def demo_dense(task_name: str, data: dict[str, Path], out: Path, seed: int, devi
     predictor = DensePredictor(load_head(result["checkpoint"], device=extractor_device(ex)), ex)
     scale = float(cfg["data"].get("depth_scale", 1000.0))
     test = DenseFolder(data["test"], task, depth_scale=scale)
-    pred_dir = out / "pred"
+    panels, captions = _predict_dense(task, predictor, test, out / "pred", cfg, scale)
+    metrics = _score_dense(task, test, out / "pred", cfg, scale)
+    save_json(out / "metrics.json", metrics)
+    title = f"{task_name}: {format_metrics(task, metrics)}"
+    save_png(out / "comparison.png", tile(panels, 6, captions=captions, title=title))  # two scenes a row
+    metric, value, details = _dense_headline(task, metrics)
+    details["train_scenes"] = len(list_images(data["train"] / "images"))
+    details["epochs"] = epochs
+    return ({"metric": metric, "value": value, "details": details,
+             "files": ["comparison.png", "metrics.json", "pred/", "run/head/"]}, ex)
+
+
+def _predict_dense(task: str, predictor: Any, test: Any, pred_dir: Path, cfg: dict[str, Any],
+                   scale: float) -> tuple[list[Image.Image], list[str]]:
+    """Write the task's output file of every test scene; the comparison panels of the first ones."""
+    from .dense_predict import final_prediction, is_relative_depth, write_depth, write_edges, write_seg
+
     panels, captions = [], []
     for i, sample in enumerate(test.samples):
         image = load_image(sample.image)
@@ -314,28 +330,28 @@ def demo_dense(task_name: str, data: dict[str, Path], out: Path, seed: int, devi
             truth = test.labels(i)["target"].numpy()
             panels += _dense_panel(task, image, truth, final, list(test.palette or []))
             captions += [sample.name, "truth", "prediction"]
+    return panels, captions
+
+
+def _score_dense(task: str, test: Any, pred_dir: Path, cfg: dict[str, Any], scale: float) -> dict[str, Any]:
+    """The task's metrics of the written predictions (:func:`.dense_predict.evaluate`)."""
+    from .dense_predict import evaluate
+
     kw: dict[str, Any] = {"num_classes": test.num_classes, "class_names": test.classes}
     if task == "depth":
         kw.update(min_depth=float(cfg["data"]["min_depth"]), max_depth=cfg["data"]["max_depth"])
     if task == "edges":
         kw.update(thresholds=int(cfg["data"]["thresholds"]), max_dist=float(cfg["data"]["max_dist"]))
-    metrics = evaluate(task, test, pred_dir=pred_dir, depth_scale=scale, **kw)
-    save_json(out / "metrics.json", metrics)
-    title = f"{task_name}: {format_metrics(task, metrics)}"
-    save_png(out / "comparison.png", tile(panels, 6, captions=captions, title=title))  # two scenes a row
+    return evaluate(task, test, pred_dir=pred_dir, depth_scale=scale, **kw)
+
+
+def _dense_headline(task: str, metrics: dict[str, Any]) -> tuple[str, float, dict[str, Any]]:
+    """(metric name, value in [0, 1], details) of a dense task."""
     if task == "seg":
-        headline = ("mIoU", float(metrics["mIoU"]) / 100)
-        details = {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc")}
-    elif task == "depth":
-        headline = ("delta1", float(metrics["d1"]))
-        details = {k: metrics[k] for k in ("abs_rel", "rmse", "d1", "d2", "d3")}
-    else:
-        headline = ("ODS F", float(metrics["ODS"]))
-        details = {k: metrics[k] for k in ("ODS", "OIS", "AP")}
-    details["train_scenes"] = len(list_images(data["train"] / "images"))
-    details["epochs"] = epochs
-    return ({"metric": headline[0], "value": headline[1], "details": details,
-             "files": ["comparison.png", "metrics.json", "pred/", "run/head/"]}, ex)
+        return "mIoU", float(metrics["mIoU"]) / 100, {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc")}
+    if task == "depth":
+        return "delta1", float(metrics["d1"]), {k: metrics[k] for k in ("abs_rel", "rmse", "d1", "d2", "d3")}
+    return "ODS F", float(metrics["ODS"]), {k: metrics[k] for k in ("ODS", "OIS", "AP")}
 
 
 # --------------------------------------------------------------------------- detect
@@ -357,8 +373,9 @@ def generate_samples(folder: Path, labels: list[int], seed: int, device: str | N
     return paths
 
 
-def demo_detect(test: Path, generated: Path, out: Path, seed: int, device: str | None) -> dict[str, Any]:
-    """DIRE of real renders vs difffeat-tiny samples: per-image scores, AUC and AP."""
+def demo_detect(test: Path, generated: Path, out: Path, seed: int, device: str | None,
+                echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    """DIRE of real renders vs difffeat-tiny samples: per-image scores, AUC and AP (``echo``: failure lines)."""
     from sklearn.metrics import roc_auc_score
 
     from difffeat.data.shapes import CLASSES
@@ -372,7 +389,7 @@ def demo_detect(test: Path, generated: Path, out: Path, seed: int, device: str |
     fake_paths = generate_samples(generated, labels, seed, device)  # the classes of the real scenes
     dire = {"resolution": 64, "steps": DIRE_STEPS, "max_batch": BATCH}  # the preset's spacing and pairing
     det = detector_from_preset("dire-adm256", MODEL, dire=dire, device=device)
-    run = FolderRun(echo=lambda m: click.echo(m, err=True))
+    run = FolderRun(echo=echo)
     _, r = score_paths(det, real_paths, BATCH, run, desc="real")
     _, f = score_paths(det, fake_paths, BATCH, run, desc="generated")
     run.finish("images")
@@ -400,14 +417,49 @@ def demo_detect(test: Path, generated: Path, out: Path, seed: int, device: str |
 
 
 # --------------------------------------------------------------------------- the run
-def run_demo(out: str | Path, scenes: int = 6, train_scenes: int = 12, seed: int = 0, device: str | None = None,
-             epochs: int = DENSE_EPOCHS, overwrite: bool = False,
+@dataclass
+class DemoOptions:
+    """How big the demo run is (its seed and device are the shared ``--seed`` / ``--device``)."""
+
+    scenes: int = option(6, "Held-out test scenes.", min=2)
+    train_scenes: int = option(12, "Training scenes of the segmentation, depth and edge heads.", min=1)
+    epochs: int = option(DENSE_EPOCHS, "Training epochs of the dense heads.", min=1)
+    overwrite: bool = option(False, "Replace the outputs of an earlier demo in --out (never anything else; "
+                             "default: refuse a non-empty folder).", is_flag=True)
+    threads: int | None = option(None, "torch CPU threads (default: 1 on machines with 2 cores or fewer, where one "
+                                 "thread runs these small batches fastest; else torch's default).", type=int, min=1)
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads: ``threads``, else 1 on machines with 2 cores or fewer (else torch's default)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads is None and cores <= 2:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _run_task(name: str, data: dict[str, Path], out: Path, opts: DemoOptions, seed: int, device: str | None,
+              cache: Path, ex: Any, echo: Callable[[str], Any]) -> tuple[dict[str, Any], Any]:
+    """One task of the demo into ``out / name``; returns its summary and the dense tasks' shared extractor."""
+    folder = out / name
+    if name == "classify":
+        return demo_classify(data["test"], folder, seed, device), ex
+    if name == "correspond":
+        return demo_correspond(data["test"], folder, seed, device), ex
+    if name in DENSE:
+        return demo_dense(name, data, folder, seed, device, opts.epochs, cache, ex)
+    return demo_detect(data["test"], out / "data" / "generated", folder, seed, device, echo), ex
+
+
+def run_demo(out: str | Path, opts: DemoOptions | None = None, seed: int = 0, device: str | None = None,
              echo: Callable[[str], Any] = print) -> dict[str, Any]:
     """Render the scenes, run every task, write ``out/summary.json``; returns the summary."""
-    out = Path(out)
+    out, opts = Path(out), opts or DemoOptions()
+    scenes, train_scenes = opts.scenes, opts.train_scenes
     if scenes < 2 or train_scenes < 1:
         raise BadInputError(f"the demo needs --scenes >= 2 and --train-scenes >= 1 (got {scenes}, {train_scenes})")
-    check_output_folder(out, overwrite)
+    check_output_folder(out, opts.overwrite)
     t_start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / MARKER, {"written_by": "difffeat demo", "model": MODEL, "scenes": scenes, "seed": seed})
@@ -418,19 +470,11 @@ def run_demo(out: str | Path, scenes: int = 6, train_scenes: int = 12, seed: int
     with _no_bars(), tempfile.TemporaryDirectory(prefix="difffeat-demo-cache-") as cache:
         for k, name in enumerate(TASKS, 1):
             t0 = time.time()
-            folder = out / name
             echo(f"[{k}/{len(TASKS)}] {name}: {STEPS[name].format(n=scenes, m=train_scenes)} ...")
-            if name == "classify":
-                res = demo_classify(data["test"], folder, seed, device)
-            elif name == "correspond":
-                res = demo_correspond(data["test"], folder, seed, device)
-            elif name in DENSE:
-                res, ex = demo_dense(name, data, folder, seed, device, epochs, Path(cache), ex)
-            else:
-                res = demo_detect(data["test"], out / "data" / "generated", folder, seed, device)
+            res, ex = _run_task(name, data, out, opts, seed, device, Path(cache), ex, echo)
             res["seconds"] = round(time.time() - t0, 1)
             results[name] = res
-            echo(f"      {res['metric']} {res['value']:.3f} in {res['seconds']:.1f} s -> {folder}")
+            echo(f"      {res['metric']} {res['value']:.3f} in {res['seconds']:.1f} s -> {out / name}")
     summary = {"model": MODEL, "scenes": scenes, "train_scenes": train_scenes, "seed": seed,
                "device": device or ("cuda" if torch.cuda.is_available() else "cpu"),
                "seconds": round(time.time() - t_start, 1),
@@ -442,42 +486,10 @@ def run_demo(out: str | Path, scenes: int = 6, train_scenes: int = 12, seed: int
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as the table ``difffeat demo`` prints: task, metric, value, seconds."""
     lines = [f"{'task':<11} {'metric':<9} {'value':>6} {'time':>7}"]
     for name, r in summary["tasks"].items():
         lines.append(f"{name:<11} {r['metric']:<9} {r['value']:>6.3f} {r['seconds']:>6.1f}s")
     lines.append(f"total {summary['seconds']:.1f} s on {summary['device']}; difffeat-tiny knows only the shapes world "
                  "(real images: -m sd21 and friends)")
     return "\n".join(lines)
-
-
-@click.command("demo")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
-              help="Output folder (must be empty or new unless --overwrite).")
-@click.option("--scenes", type=click.IntRange(min=2), default=6, show_default=True, help="Held-out test scenes.")
-@click.option("--train-scenes", type=click.IntRange(min=1), default=12, show_default=True,
-              help="Training scenes of the segmentation, depth and edge heads.")
-@click.option("--epochs", type=click.IntRange(min=1), default=DENSE_EPOCHS, show_default=True,
-              help="Training epochs of the dense heads.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Scene, noise and sampling seed.")
-@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier demo in --out.")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (default: 1 on machines with 2 cores or fewer, where one thread runs these "
-                   "small batches fastest; else torch's default).")
-def demo_cmd(out: Path, scenes: int, train_scenes: int, epochs: int, seed: int, overwrite: bool,
-             device: str | None, threads: int | None) -> None:
-    """Run every task on a few shapes scenes with the embedded difffeat-tiny model (offline, ~1 min on a CPU).
-
-    Writes summary.json plus per-task PNGs, predictions and metrics into --out (the summary
-    lists the files). difffeat-tiny knows only the shapes world: on real images use the
-    task commands with -m sd21 and friends.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if threads is None and cores <= 2:
-        threads = 1
-    if threads is not None:
-        torch.set_num_threads(threads)
-    summary = run_demo(out, scenes, train_scenes, seed, device, epochs, overwrite,
-                       echo=lambda m: click.echo(m, err=True))
-    click.echo(format_table(summary))
-    click.echo(f"wrote {Path(out) / 'summary.json'}")
