@@ -151,4 +151,4 @@ class FolderOptions:
     """What every folder run shares (:mod:`difffeat.runner`)."""
 
     batch_size: int = option(4, "Images per batch.", "-b", "--batch-size", min=1)
-    overwrite: bool = option(False, "Recompute outputs that already exist (default: resume, keep them).", is_flag=True)
+    overwrite: bool = option(False, "Replace outputs that already exist (without it they are kept: a rerun resumes).", is_flag=True)
