@@ -1,10 +1,16 @@
-"""Detecting diffusion-generated images: ``difffeat detect``, ``train dire``, ``eval detect``.
+"""Detecting diffusion-generated images: the work of ``difffeat detect``, ``train dire`` and ``eval detect``.
 
 A :class:`Detector` turns prepared images into P(generated) and the statistics behind it.
-It is built from a detector checkpoint (``--head``: a ResNet on DIRE maps, a pooled
-diffusion-feature head, or a calibrated training-free score) or from a preset in
-``configs/detect/`` (``--training-free``): ``dire-adm256`` (the DIRE paper), ``dire-sd``
-(latent variant) and ``aeroblade``.
+It is built from a detector checkpoint (:func:`load_detector`: a ResNet on DIRE maps, a
+pooled diffusion-feature head, or a calibrated training-free score) or from a preset in
+``configs/detect/`` (:func:`detector_from_preset`): ``dire-adm256`` (DIRE, Wang et al.,
+ICCV 2023), ``dire-sd`` (its latent variant) and ``aeroblade`` (Ricker et al., CVPR 2024).
+
+The commands' options are the dataclasses below (:class:`DetectOptions`, :class:`DetectorOptions`,
+:class:`TrainDireOptions`, :class:`NormalizeOptions`) plus the shared
+:class:`~difffeat.options.ExtractorOptions` / :class:`~difffeat.options.FolderOptions`; a flag
+the chosen method does not read is refused (:func:`check_flags`), not ignored. The functions
+:func:`detect`, :func:`train_dire` and :func:`evaluate_detection` do the commands' work.
 
 Evaluation reports ACC (at P = 0.5) and AP (fakes positive), both on the files as they are
 and, with ``--normalize-format``, after passing *both* classes through the same resize and
@@ -14,14 +20,15 @@ the same JPEG quality, so a detector cannot win by telling JPEG reals from PNG f
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import click
 import numpy as np
 import torch
 from PIL import Image
@@ -31,13 +38,14 @@ from difffeat.backbone import compile_denoiser
 from difffeat.errors import BadInputError, DiffFeatError, one_of
 from difffeat.heads.aeroblade import Autoencoder, VGGLayer2Distance, aeroblade_distances, load_autoencoder, whole_image
 from difffeat.heads.checkpoint import check_backbone, feature_record
-from difffeat.presets import precedence
 from difffeat.heads.dire import (
     Calibration, DireClassifier, DireSettings, PooledFeatureHead, build_resnet, calibrate,
     check_resolution, compute_dire, fit_binary, fit_square, load_detector_weights, map_batches, read_detector_config,
     save_detector, save_dire,
 )
 from difffeat.io import FolderRun, list_images, load_image, output_path, pil_to_tensor, save_json
+from difffeat.options import ExtractorOptions, FolderOptions, flag_of, option
+from difffeat.presets import precedence
 
 SCORES = ("dire", "dire-latent", "aeroblade")
 
@@ -235,6 +243,126 @@ def load_detector(path: str | os.PathLike, model: str | None = None, dtype: str 
                     calibration=calib, score=cfg.get("score", "dire"))
 
 
+# --------------------------------------------------------------------------- options
+HEADS = ("classifier", "pooled", "training-free")
+
+
+@dataclass
+class DetectOptions:
+    """The method: a preset of ``configs/detect/`` and its overrides.
+
+    DIRE reads ``steps``, AEROBLADE ``autoencoders``; ``-m``/``--resolution`` come from
+    :class:`~difffeat.options.ExtractorOptions`. A flag the method does not read is refused.
+    """
+
+    preset: str | None = option(None, "Detect preset: dire-adm256, dire-sd, aeroblade.")
+    steps: int | None = option(None, "DIRE: DDIM steps (inversion and reconstruction each).", type=int, min=1)
+    score: str | None = option(None, "Training-free statistic (default: the preset's).", choices=SCORES)
+    autoencoders: tuple[str, ...] = option((), "AEROBLADE autoencoder MODEL[:COMPONENT] (repeatable; default: the "
+                                           "preset's SD1, SD2, Kandinsky 2.1).", "--autoencoder", multiple=True, type=str)
+
+
+@dataclass
+class DetectorOptions:
+    """Which detector ``detect`` and ``eval detect`` run: a checkpoint or a preset's raw score."""
+
+    head: Path | None = option(None, "Detector checkpoint folder (from `difffeat train dire`).", path=True)
+    training_free: bool = option(False, "No checkpoint: the raw score of --preset (default aeroblade); uncalibrated, "
+                                 "so no prob column and AP only.", is_flag=True)
+
+
+@dataclass
+class TrainDireOptions:
+    """What ``train dire`` fits; unset values come from the preset's ``classifier:`` / ``features:``."""
+
+    head: str = option("classifier", "ResNet on DIRE maps, linear head on pooled diffusion features, or calibrate "
+                       "a training-free score.", choices=HEADS)
+    maps_dir: Path | None = option(None, "Where DIRE maps are cached (default OUT/maps).", path=True)
+    arch: str | None = option(None, "timm architecture (default from the preset: resnet50.tv_in1k).")
+    pretrained: bool | None = option(None, "ImageNet init (default: if available locally).", secondary="--no-pretrained")
+    epochs: int | None = option(None, "Training epochs (default: the preset's).", type=int, min=1)
+    lr: float | None = option(None, "Learning rate (default: the preset's).", type=float)
+    crop: int | None = option(None, "Training crop of the maps.", type=int, min=1)
+
+
+@dataclass
+class NormalizeOptions:
+    """``eval detect --normalize-format``: both classes resized and JPEG re-encoded alike."""
+
+    normalize_format: bool = option(False, "Also report with both classes resized and JPEG re-encoded identically.",
+                                    is_flag=True)
+    jpeg_quality: int = option(96, "JPEG quality of --normalize-format (ImageNet's typical 96).", min=1)
+    size: int | None = option(None, "Square size of --normalize-format (default: the detector's input size).",
+                              type=int, min=1)
+
+    def __post_init__(self) -> None:
+        if not self.normalize_format and (self.size is not None or self.jpeg_quality != 96):
+            raise BadInputError("--size and --jpeg-quality set up --normalize-format; add --normalize-format")
+
+
+#: the modes that read each flag: ``dire`` / ``aeroblade`` (a preset's score, raw or calibrated)
+#: and the trained heads ``classifier`` / ``pooled``; flags not listed apply everywhere
+_READ_BY: dict[str, tuple[str, ...]] = {
+    "model": ("dire", "classifier", "pooled"), "compile": ("dire", "classifier", "pooled"),
+    "steps": ("dire", "classifier"), "score": ("dire", "aeroblade"), "autoencoders": ("aeroblade",),
+    "maps_dir": ("classifier",), "arch": ("classifier",), "pretrained": ("classifier",), "crop": ("classifier",),
+    "epochs": ("classifier", "pooled"), "lr": ("classifier", "pooled"),
+}
+_MODE_NAMES = {"dire": "DIRE", "aeroblade": "AEROBLADE (its models are --autoencoder MODEL[:COMPONENT])",
+               "classifier": "--head classifier", "pooled": "--head pooled"}
+
+
+def check_flags(mode: str, *opts: Any) -> None:
+    """Refuse the flags set in ``opts`` (options dataclasses) that ``mode`` does not read."""
+    given = [f for o in opts for f in dataclasses.fields(o)
+             if mode not in _READ_BY.get(f.name, (mode,)) and getattr(o, f.name) != f.default]
+    if given:
+        names = ", ".join("/".join(flag_of(f).flags or ["--" + f.name.replace("_", "-")]) for f in given)  # type: ignore[union-attr]
+        raise BadInputError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to {_MODE_NAMES[mode]}")
+
+
+def method_of(preset: str, score: str | None = None) -> str:
+    """``aeroblade`` or ``dire``: the training-free method of ``preset`` under ``--score``."""
+    chosen = score or get_detect_preset(preset)["detect"].get("score", "dire")
+    return "aeroblade" if chosen == "aeroblade" else "dire"
+
+
+def _checkpoint_mode(path: Path) -> str:
+    cfg = read_detector_config(path)
+    if cfg.get("backbone", {}).get("preset") == "aeroblade":
+        return "aeroblade"
+    return "pooled" if cfg["kind"] == "pooled-features" else "dire"
+
+
+def _dire_overrides(steps: int | None, resolution: int | None) -> dict[str, Any]:
+    return {k: v for k, v in (("steps", steps), ("resolution", resolution)) if v is not None}
+
+
+def _echo(m: str) -> None:
+    tqdm.write(m, file=sys.stderr)
+
+
+def build_detector(source: DetectorOptions, method: DetectOptions, ex: ExtractorOptions) -> Detector:
+    """The detector of ``detect`` / ``eval detect``: the checkpoint ``source.head``, or with
+    ``source.training_free`` the raw score of ``method.preset`` (default ``aeroblade``)."""
+    if source.head is not None and source.training_free:
+        raise BadInputError("give either --head CKPT or --training-free, not both")
+    if source.head is not None:
+        if method != DetectOptions() or ex.resolution is not None:
+            raise BadInputError("--preset/--steps/--resolution/--score/--autoencoder come from the checkpoint with --head")
+        check_flags(_checkpoint_mode(source.head), ex)
+        det = load_detector(source.head, ex.model, ex.dtype, ex.device, _echo)
+    elif not source.training_free:
+        raise BadInputError("give --head CKPT (from `difffeat train dire`) or --training-free")
+    else:
+        preset = method.preset or "aeroblade"
+        check_flags(method_of(preset, method.score), method, ex)
+        det = detector_from_preset(preset, ex.model, dire=_dire_overrides(method.steps, ex.resolution),
+                                   score=method.score, autoencoders=method.autoencoders, dtype=ex.dtype,
+                                   device=ex.device, echo=_echo)
+    return det.compile() if ex.compile else det
+
+
 # --------------------------------------------------------------------------- running
 def normalize_format(img: Image.Image, size: int, quality: int) -> Image.Image:
     """Resize + centre-crop to ``size``² and round-trip through JPEG at ``quality``.
@@ -251,35 +379,43 @@ def normalize_format(img: Image.Image, size: int, quality: int) -> Image.Image:
         return im.convert("RGB")
 
 
-def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: FolderRun,
-                transform: Callable[[Image.Image], Image.Image] | None = None,
-                desc: str = "images") -> tuple[list[Path], dict[str, torch.Tensor]]:
-    """Score image files in batches; unreadable or too-small ones are reported in ``run`` and skipped."""
-    names: list[Path] = []
-    parts: dict[str, list[torch.Tensor]] = {}
+def detect_batch(det: Detector, xs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``det`` on prepared images, outputs in the order of ``xs``.
+
+    Whole images (AEROBLADE, ``resize: none``) differ in size: one forward per size. The one
+    place detection batches by shape (folder runs, :func:`score_paths`).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    outs = [det(torch.stack([xs[i] for i in idx])) for idx in groups.values()]
+    if len(outs) == 1:
+        return outs[0]
+    where = torch.argsort(torch.tensor([i for idx in groups.values() for i in idx]))
+    return {k: torch.cat([o[k] for o in outs])[where] for k in outs[0]}
+
+
+def _map_paths(paths: Sequence[Path], prepare: Callable[[Image.Image], torch.Tensor],
+               forward: Callable[[list[torch.Tensor]], Any], batch_size: int, run: FolderRun,
+               desc: str) -> tuple[list[Path], list[Any]]:
+    """``forward`` on batches of prepared image files; unreadable or too-small ones are reported in ``run``."""
     from difffeat.distributed import progress_bar
 
-    bar = progress_bar(len(paths), desc)
+    names: list[Path] = []
+    outs: list[Any] = []
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> None:
-        if not batch:
-            return
-        out = det(torch.stack([x for _, x in batch]))
-        names.extend(p for p, _ in batch)
-        for k, v in out.items():
-            if k != "maps":
-                parts.setdefault(k, []).append(v.float().cpu())
-        run.done += len(batch)
-        batch.clear()
+        if batch:
+            outs.append(forward([x for _, x in batch]))
+            names.extend(p for p, _ in batch)
+            run.done += len(batch)
+            batch.clear()
 
+    bar = progress_bar(len(paths), desc)
     for p in paths:
         try:
-            img = load_image(p)
-            x = det.prepare(transform(img) if transform else img)
-            if batch and batch[-1][1].shape != x.shape:  # whole images (AEROBLADE): a batch per run of one size
-                flush()
-            batch.append((p, x))
+            batch.append((p, prepare(load_image(p))))
         except DiffFeatError as e:
             run.fail(p, f"{p}: {e}")
         bar.update(1)
@@ -287,7 +423,17 @@ def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: Fold
             flush()
     flush()
     bar.close()
-    return names, {k: torch.cat(v) for k, v in parts.items()}
+    return names, outs
+
+
+def score_paths(det: Detector, paths: Sequence[Path], batch_size: int, run: FolderRun,
+                transform: Callable[[Image.Image], Image.Image] | None = None,
+                desc: str = "images") -> tuple[list[Path], dict[str, torch.Tensor]]:
+    """Score image files in batches; unreadable or too-small ones are reported in ``run`` and skipped."""
+    prepare = (lambda im: det.prepare(transform(im))) if transform else det.prepare
+    names, outs = _map_paths(paths, prepare, lambda xs: detect_batch(det, xs), batch_size, run, desc)
+    keys = [k for k in (outs[0] if outs else {}) if k != "maps"]
+    return names, {k: torch.cat([o[k].float().cpu() for o in outs]) for k in keys}
 
 
 def detection_metrics(prob_or_score: np.ndarray, labels: np.ndarray, calibrated: bool) -> dict[str, float]:
@@ -309,7 +455,7 @@ def detection_metrics(prob_or_score: np.ndarray, labels: np.ndarray, calibrated:
 def evaluate(det: Detector, real: Sequence[Path], fake: Sequence[Path], batch_size: int = 8,
              normalize: tuple[int, int] | None = None, run: FolderRun | None = None) -> dict[str, float]:
     """ACC/AP of ``det`` on real and fake files; ``normalize=(size, quality)`` re-encodes both classes."""
-    run = run or FolderRun(echo=lambda m: tqdm.write(m, file=sys.stderr))
+    run = run or FolderRun(echo=_echo)
     tf = None if normalize is None else (lambda im: normalize_format(im, normalize[0], normalize[1]))
     tag = "normalised" if normalize else "as-is"
     _, r = score_paths(det, real, batch_size, run, tf, desc=f"real ({tag})")
@@ -335,124 +481,68 @@ def claim_folder(folder: Path, config: Mapping[str, Any], overwrite: bool) -> No
     save_json(stamp, want)
 
 
-# --------------------------------------------------------------------------- CLI
-def _common(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--preset", default=None, help="Detect preset: dire-adm256, dire-sd, aeroblade."),
-        click.option("-m", "--model", default=None, help="Diffusion model (preset name, local diffusers folder or hub id)."),
-        click.option("--steps", type=int, default=None, help="DDIM steps (inversion and reconstruction each)."),
-        click.option("--resolution", type=int, default=None, help="Square input size (DIRE: the preset's resize policy; AEROBLADE: centre crops of this size instead of whole images)."),
-        click.option("--score", type=click.Choice(SCORES), default=None, help="Training-free statistic."),
-        click.option("--autoencoder", "autoencoders", multiple=True,
-                     help="AEROBLADE autoencoder MODEL[:COMPONENT] (repeatable; default: the preset's SD1, SD2, Kandinsky 2.1)."),
-        click.option("-b", "--batch-size", type=int, default=8, show_default=True),
-        click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None),
-        click.option("--device", default=None),
-        click.option("--compile", "compile_", is_flag=True,
-                     help="torch.compile the denoiser (DIRE: ~2.4x on an H200; the first batch compiles)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _prepared(det: Detector, items: Sequence[Any]) -> tuple[list[tuple[Any, torch.Tensor]], DiffFeatError | None]:
+    """Each folder item's image prepared for ``det``; the first that cannot be is returned apart
+    (raised after the batch, so the runner retries the batch item by item and names it)."""
+    todo, error = [], None
+    for it in items:
+        try:
+            todo.append((it, det.prepare(it.image)))
+        except DiffFeatError as e:
+            error = error or e
+    return todo, error
 
 
-def _dire_overrides(steps: int | None, resolution: int | None) -> dict[str, Any]:
-    return {k: v for k, v in (("steps", steps), ("resolution", resolution)) if v is not None}
+# --------------------------------------------------------------------------- detect
+def detect(images: Path, out: Path, det: Detector, run: FolderOptions, dire_dir: Path | None = None) -> int:
+    """Score every image under ``images``: P(generated) per image into the CSV ``out``; returns its rows.
 
-
-def _echo(m: str) -> None:
-    tqdm.write(m, file=sys.stderr)
-
-
-def _detector(head: Path | None, training_free: bool, preset: str | None, model: str | None, steps: int | None,
-              resolution: int | None, score: str | None, autoencoders: tuple[str, ...], dtype: str | None,
-              device: str | None, compile_: bool = False) -> Detector:
-    det = _make_detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device)
-    return det.compile() if compile_ else det
-
-
-def _make_detector(head: Path | None, training_free: bool, preset: str | None, model: str | None, steps: int | None,
-                   resolution: int | None, score: str | None, autoencoders: tuple[str, ...], dtype: str | None,
-                   device: str | None) -> Detector:
-    if head is not None and training_free:
-        raise BadInputError("give either --head CKPT or --training-free, not both")
-    if head is not None:
-        if preset or steps or resolution or score or autoencoders:
-            raise BadInputError("--preset/--steps/--resolution/--score/--autoencoder come from the checkpoint with --head")
-        return load_detector(head, model, dtype, device, _echo)
-    if not training_free:
-        raise BadInputError("give --head CKPT (from `difffeat train dire`) or --training-free")
-    return detector_from_preset(preset or "aeroblade", model, dire=_dire_overrides(steps, resolution), score=score,
-                                autoencoders=autoencoders, dtype=dtype, device=device, echo=_echo)
-
-
-@click.command("detect")
-@click.argument("images", type=click.Path(path_type=Path))
-@click.option("--head", "head", type=click.Path(path_type=Path), default=None, help="Detector checkpoint folder.")
-@click.option("--training-free", is_flag=True, help="Raw reconstruction-error score from --preset (default aeroblade).")
-@_common
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Output CSV.")
-@click.option("--save-dire", "dire_dir", type=click.Path(path_type=Path), default=None, help="Also write DIRE maps (PNG) here.")
-@click.option("--overwrite", is_flag=True, help="Recompute images already scored.")
-def detect_cmd(images: Path, head: Path | None, training_free: bool, preset: str | None, model: str | None,
-               steps: int | None, resolution: int | None, score: str | None, autoencoders: tuple[str, ...],
-               batch_size: int, dtype: str | None, device: str | None, compile_: bool, out: Path,
-               dire_dir: Path | None, overwrite: bool) -> None:
-    """Score every image under IMAGES: P(generated) per image into a CSV (resumable).
-
-    Per-image rows are kept in OUT's sibling folder ``<name>.parts/`` until the CSV is
-    assembled, so an interrupted run continues where it stopped.
+    Per-image rows are kept in ``<out>.parts/`` until the CSV is assembled, so an interrupted
+    run continues where it stopped. Under torchrun each rank scores its share on its GPU and
+    then assembles the CSV from the parts present, so the last one to finish writes it whole.
     """
     from difffeat.pipeline import run_folder
 
-    # under torchrun each rank scores its share (run_folder) on its GPU; every rank then
-    # assembles the CSV from the parts present, so the last one to finish writes it whole
-    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype,
-                    device, compile_)
     if dire_dir is not None and not det.makes_maps:
         raise BadInputError("--save-dire needs a DIRE detector; this one computes no DIRE maps")
     if det.calibration is None and det.classifier is None and det.head is None:
         _echo("note: uncalibrated training-free score: the prob column stays empty "
               "(calibrate with `difffeat train dire REAL FAKE --head training-free`)")
-    parts = out.with_name(out.name + ".parts")
-    claim_folder(parts, det.config, overwrite)
     root = Path(images)
-
-    done: set[Path] = set()
-
-    def process(items: list[Any]) -> None:
-        todo, errors = [], []
-        for it in items:
-            try:
-                todo.append((it, det.prepare(it.image)))
-            except DiffFeatError as e:
-                errors.append(e)
-        sizes: dict[tuple[int, ...], list[tuple[Any, torch.Tensor]]] = {}
-        for it, x in todo:  # whole images (AEROBLADE): one forward per image size in the batch
-            sizes.setdefault(tuple(x.shape), []).append((it, x))
-        for group in sizes.values():
-            res = det(torch.stack([x for _, x in group]))
-            for i, (it, _) in enumerate(group):
-                if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
-                    continue
-                if dire_dir is not None:
-                    save_dire(output_path(dire_dir, root, it.path, ".png"), res["maps"][i])
-                row = {k: float(v[i]) for k, v in res.items() if k != "maps"}
-                save_json(it.out, {"image": str(it.path), **row})
-                done.add(it.out)
-        if errors:
-            raise errors[0]
-
+    parts = out.with_name(out.name + ".parts")
+    claim_folder(parts, det.config, run.overwrite)
     failure: DiffFeatError | None = None
     try:
-        run_folder(images, parts, ".json", process, batch_size=batch_size, overwrite=overwrite, desc="images", echo=_echo,
-                   max_side=4 * det.size)
+        run_folder(root, parts, ".json", _row_writer(det, root, dire_dir), batch_size=run.batch_size,
+                   overwrite=run.overwrite, desc="images", echo=_echo, max_side=4 * det.size)
     except DiffFeatError as e:
         failure = e
     n = write_scores_csv(out, [output_path(parts, root, p, ".json") for p in list_images(root)], root)
     _echo(f"wrote {n} rows to {out}")
     if failure is not None:
         raise failure
+    return n
+
+
+def _row_writer(det: Detector, root: Path, dire_dir: Path | None) -> Callable[[list[Any]], None]:
+    """The folder run's ``process``: one JSON row per image (and its DIRE map with ``dire_dir``)."""
+    done: set[Path] = set()
+
+    def process(items: list[Any]) -> None:
+        todo, error = _prepared(det, items)
+        if todo:
+            res = detect_batch(det, [x for _, x in todo])
+            for i, (it, _) in enumerate(todo):
+                if it.written or it.out in done:  # finished earlier, or before a bad image in its batch
+                    continue
+                if dire_dir is not None:
+                    save_dire(output_path(dire_dir, root, it.path, ".png"), res["maps"][i])
+                save_json(it.out, {"image": str(it.path), **{k: float(v[i]) for k, v in res.items() if k != "maps"}})
+                done.add(it.out)
+        if error is not None:
+            raise error
+
+    return process
 
 
 def write_scores_csv(out: Path, part_files: Sequence[Path], root: Path) -> int:
@@ -472,127 +562,127 @@ def write_scores_csv(out: Path, part_files: Sequence[Path], root: Path) -> int:
     return len(rows)
 
 
-@click.command("dire")
-@click.argument("real_dir", type=click.Path(path_type=Path))
-@click.argument("fake_dir", type=click.Path(path_type=Path))
-@click.option("--head", "head_kind", type=click.Choice(["classifier", "pooled", "training-free"]), default="classifier",
-              show_default=True, help="ResNet on DIRE maps, linear head on pooled diffusion features, or calibrate a training-free score.")
-@_common
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
-@click.option("--maps-dir", type=click.Path(path_type=Path), default=None, help="Where DIRE maps are cached (default OUT/maps).")
-@click.option("--arch", default=None, help="timm architecture (default from the preset: resnet50.tv_in1k).")
-@click.option("--pretrained/--no-pretrained", default=None, help="ImageNet init (default: if available locally).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--crop", type=int, default=None, help="Training crop of the maps.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def train_dire_cmd(real_dir: Path, fake_dir: Path, head_kind: str, preset: str | None, model: str | None,
-                   steps: int | None, resolution: int | None, score: str | None, autoencoders: tuple[str, ...],
-                   batch_size: int, dtype: str | None, device: str | None, compile_: bool,
-                   out: Path, maps_dir: Path | None, arch: str | None, pretrained: bool | None,
-                   epochs: int | None, lr: float | None, crop: int | None, seed: int) -> None:
-    """Train a detector on REAL_DIR vs FAKE_DIR (or calibrate a training-free score on them).
+# --------------------------------------------------------------------------- train dire
+@dataclass
+class _Training:
+    """One ``train dire`` run, as the three head kinds read it."""
 
-    -b sets the images per DIRE / feature batch; the classifier's own batch size, crop and
-    learning rate come from the preset (``classifier:``) unless given here.
+    preset: Mapping[str, Any]  # the parsed configs/detect YAML
+    real_dir: Path
+    fake_dir: Path
+    out: Path
+    train: TrainDireOptions
+    method: DetectOptions
+    ex: ExtractorOptions
+    batch_size: int
+    run: FolderRun
+
+    def settings(self) -> DireSettings:
+        """The preset's DIRE settings under ``--steps`` / ``--resolution``."""
+        over = _dire_overrides(self.method.steps, self.ex.resolution)
+        return DireSettings.from_dict(precedence(over, self.preset["detect"].get("dire")))
+
+    def detector(self, score: str | None) -> Detector:
+        """The preset's uncalibrated detector under these options (compiled with ``--compile``)."""
+        det = detector_from_preset(self.preset["name"], self.ex.model,
+                                   dire=_dire_overrides(self.method.steps, self.ex.resolution), score=score,
+                                   autoencoders=self.method.autoencoders, dtype=self.ex.dtype, device=self.ex.device,
+                                   echo=_echo)
+        return det.compile() if self.ex.compile else det
+
+
+def train_dire(real_dir: Path, fake_dir: Path, out: Path, train: TrainDireOptions, method: DetectOptions,
+               ex: ExtractorOptions, batch_size: int = 4) -> Path:
+    """Train a detector on ``real_dir`` vs ``fake_dir`` (or calibrate a training-free score) into ``out``.
+
+    ``train.head``: ``classifier`` (DIRE's ResNet on DIRE maps, Wang et al., ICCV 2023),
+    ``pooled`` (a linear head on pooled diffusion features) or ``training-free`` (a threshold
+    on the preset's raw score). ``batch_size`` is the images per DIRE / feature batch; the
+    classifier's own batch size, crop and learning rate come from the preset unless given.
+    The preset defaults to ``dire-adm256`` (``aeroblade`` with ``--score aeroblade``).
     """
-    torch.manual_seed(seed)
-    preset = preset or ("aeroblade" if score == "aeroblade" else "dire-adm256")
-    p = get_detect_preset(preset)
-    if head_kind != "training-free" and "dire" not in p["detect"]:
-        raise BadInputError(f"preset {preset} has no diffusion model settings; --head {head_kind} needs dire-adm256 or dire-sd")
-    dire_over = _dire_overrides(steps, resolution)
-    run = FolderRun(echo=_echo)
-    if head_kind == "training-free":
-        det = detector_from_preset(preset, model, dire=dire_over, score=score, autoencoders=autoencoders,
-                                   dtype=dtype, device=device, echo=_echo)
-        if compile_:
-            det.compile()
-        _, r = score_paths(det, list_images(real_dir), batch_size, run, desc="real")
-        _, f = score_paths(det, list_images(fake_dir), batch_size, run, desc="fake")
-        if "score" not in r:
-            raise BadInputError(f"no usable real images under {real_dir}")
-        cal = calibrate(r["score"].numpy(), f["score"].numpy() if "score" in f else None)
-        _echo(f"threshold {cal.threshold:.6g} (scale {cal.scale:.3g}, {cal.method}) from {cal.n_real} real / {cal.n_fake} fake")
-        save_detector(out, {**det.config, "kind": "training-free", "calibration": cal.__dict__})
-    elif head_kind == "pooled":
-        cfg, head = _train_pooled(p, model, dire_over, real_dir, fake_dir, batch_size, epochs, lr, seed, dtype, device, run,
-                                  compile_)
-        save_detector(out, cfg, head)
-    else:
-        det = detector_from_preset(preset, model, dire=dire_over, score="dire", dtype=dtype, device=device, echo=_echo)
-        if compile_:
-            det.compile()
-        maps_root = maps_dir or out / "maps"
-        paths, labels = [], []
-        for label, name, src in ((0, "real", real_dir), (1, "fake", fake_dir)):
-            written = compute_maps_folder(det, src, maps_root / name, batch_size)
-            paths += written
-            labels += [label] * len(written)
-        c = {**p["detect"].get("classifier", {}),
-             **{k: v for k, v in (("arch", arch), ("crop", crop), ("lr", lr), ("epochs", epochs)) if v is not None}}
-        arch_, lr_ = str(c.get("arch", "resnet50.tv_in1k")), float(c.get("lr", 1e-4))
-        clf = DireClassifier(build_resnet(arch_, pretrained, _echo), min(int(c.get("crop", 224)), det.size))
-        hist = fit_binary(clf, map_batches(paths, labels, int(c.get("batch_size", 64)), seed), int(c.get("epochs", 20)),
-                          lr_, det.bb.device, _echo)
-        save_detector(out, {**det.config, "kind": "dire-classifier", "history": hist, "maps": str(maps_root),
-                            "classifier": {"arch": arch_, "crop": clf.crop, "lr": lr_}}, clf)
+    torch.manual_seed(ex.seed)
+    name = method.preset or ("aeroblade" if method.score == "aeroblade" else "dire-adm256")
+    p = get_detect_preset(name)
+    if train.head != "training-free" and "dire" not in p["detect"]:
+        raise BadInputError(f"preset {name} has no diffusion model settings; --head {train.head} needs dire-adm256 or dire-sd")
+    check_flags(method_of(name, method.score) if train.head == "training-free" else train.head, train, method, ex)
+    job = _Training(p, real_dir, fake_dir, out, train, method, ex, batch_size, FolderRun(echo=_echo))
+    {"training-free": _calibrate, "pooled": _train_pooled, "classifier": _train_classifier}[train.head](job)
     _echo(f"saved detector to {out}")
-    run.finish("images")
+    job.run.finish("images")
+    return out
 
 
-def _train_pooled(p: Mapping[str, Any], model: str | None, dire_over: Mapping[str, Any], real_dir: Path, fake_dir: Path,
-                  batch_size: int, epochs: int | None, lr: float | None, seed: int, dtype: str | None,
-                  device: str | None, run: FolderRun, compile_: bool = False) -> tuple[dict[str, Any], PooledFeatureHead]:
-    """Extract pooled features of both folders once, then fit the linear head on them."""
+def _calibrate(job: _Training) -> None:
+    """``--head training-free``: a threshold on the preset's raw score from both folders."""
+    det = job.detector(job.method.score)
+    _, r = score_paths(det, list_images(job.real_dir), job.batch_size, job.run, desc="real")
+    _, f = score_paths(det, list_images(job.fake_dir), job.batch_size, job.run, desc="fake")
+    if "score" not in r:
+        raise BadInputError(f"no usable real images under {job.real_dir}")
+    cal = calibrate(r["score"].numpy(), f["score"].numpy() if "score" in f else None)
+    _echo(f"threshold {cal.threshold:.6g} (scale {cal.scale:.3g}, {cal.method}) from {cal.n_real} real / {cal.n_fake} fake")
+    save_detector(job.out, {**det.config, "kind": "training-free", "calibration": cal.__dict__})
+
+
+def _train_classifier(job: _Training) -> None:
+    """``--head classifier``: DIRE maps of both folders (cached as PNGs), then the ResNet on them."""
+    det = job.detector("dire")
+    maps_root = job.train.maps_dir or job.out / "maps"
+    paths, labels = [], []
+    for label, name, src in ((0, "real", job.real_dir), (1, "fake", job.fake_dir)):
+        written = compute_maps_folder(det, src, maps_root / name, job.batch_size)
+        paths += written
+        labels += [label] * len(written)
+    t = job.train
+    c = precedence({"arch": t.arch, "crop": t.crop, "lr": t.lr, "epochs": t.epochs}, job.preset["detect"].get("classifier"))
+    arch, lr = str(c.get("arch", "resnet50.tv_in1k")), float(c.get("lr", 1e-4))
+    clf = DireClassifier(build_resnet(arch, t.pretrained, _echo), min(int(c.get("crop", 224)), det.size))
+    hist = fit_binary(clf, map_batches(paths, labels, int(c.get("batch_size", 64)), job.ex.seed), int(c.get("epochs", 20)),
+                      lr, det.bb.device, _echo)
+    save_detector(job.out, {**det.config, "kind": "dire-classifier", "history": hist, "maps": str(maps_root),
+                            "classifier": {"arch": arch, "crop": clf.crop, "lr": lr}}, clf)
+
+
+def _train_pooled(job: _Training) -> None:
+    """``--head pooled``: pooled features of both folders, extracted once, then the linear head on them."""
     import difffeat
 
+    p, seed = job.preset, job.ex.seed
     feat = p["detect"].get("features", {})
-    settings = DireSettings.from_dict(precedence(dire_over, p["detect"].get("dire")))  # options over the preset
-    bb = _load_bb(_model_of(p, model), dtype, device)
-    ex = difffeat.create(bb.source, backbone=bb, layers=feat.get("layers"), timesteps=feat.get("timesteps"),
-                         resolution=settings.resolution, resize="resize", seed=seed, compile=compile_)
-    head = PooledFeatureHead(ex.feature_info)
-    xs = [_pooled_features(ex, head.names, settings, list_images(d), batch_size, run, name)
-          for name, d in (("real", real_dir), ("fake", fake_dir))]
+    settings = job.settings()
+    bb = _load_bb(_model_of(p, job.ex.model), job.ex.dtype, job.ex.device)
+    extractor = difffeat.create(bb.source, backbone=bb, layers=feat.get("layers"), timesteps=feat.get("timesteps"),
+                                resolution=settings.resolution, resize="resize", seed=seed, compile=job.ex.compile)
+    head = PooledFeatureHead(extractor.feature_info)
+    xs = [_pooled_features(extractor, head.names, settings, list_images(d), job.batch_size, job.run, name)
+          for name, d in (("real", job.real_dir), ("fake", job.fake_dir))]
     x = torch.cat(xs)
     y = torch.cat([torch.zeros(len(xs[0])), torch.ones(len(xs[1]))])
 
     def batches(ep: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + ep))
-        for i in range(0, len(y), max(1, batch_size)):
-            idx = order[i : i + max(1, batch_size)]
+        for i in range(0, len(y), max(1, job.batch_size)):
+            idx = order[i : i + max(1, job.batch_size)]
             yield x[idx], y[idx]
 
-    hist = fit_binary(head, batches, int(epochs or feat.get("epochs", 200)), float(lr or feat.get("lr", 1e-3)), "cpu")
+    epochs, lr = int(job.train.epochs or feat.get("epochs", 200)), float(job.train.lr or feat.get("lr", 1e-3))
+    hist = fit_binary(head, batches, epochs, lr, "cpu")
     _echo(f"loss {hist[0]:.4f} -> {hist[-1]:.4f} over {len(hist)} epochs")
-    cfg = {"kind": "pooled-features", "preset": p["name"], "backbone": _backbone_record(bb, ex),
+    cfg = {"kind": "pooled-features", "preset": p["name"], "backbone": _backbone_record(bb, extractor),
            "resolution": settings.resolution, "resize": settings.resize, "seed": seed, "history": hist}
-    return cfg, head
+    save_detector(job.out, cfg, head)
 
 
 def _pooled_features(ex: Any, names: Sequence[str], settings: DireSettings, paths: Sequence[Path], batch_size: int,
                      run: FolderRun, desc: str) -> torch.Tensor:
-    out: list[torch.Tensor] = []
-    batch: list[torch.Tensor] = []
+    """Pooled features [N, C] of the readable images among ``paths``."""
+    def prepare(img: Image.Image) -> torch.Tensor:
+        return pil_to_tensor(fit_square(img, settings.resolution, settings.resize))
 
-    def flush() -> None:
-        if batch:
-            out.append(PooledFeatureHead.pool(ex(torch.stack(batch)), names).cpu())
-            batch.clear()
-
-    from difffeat.distributed import progress_bar
-
-    bar = progress_bar(len(paths), desc)
-    for p in paths:
-        bar.update(1)
-        try:
-            batch.append(pil_to_tensor(fit_square(load_image(p), settings.resolution, settings.resize)))
-        except DiffFeatError as e:
-            run.fail(p, f"{p}: {e}")
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    _, out = _map_paths(paths, prepare, lambda xs: PooledFeatureHead.pool(ex(torch.stack(xs)), names).cpu(),
+                        batch_size, run, desc)
     if not out:
         raise BadInputError(f"no usable {desc} images")
     return torch.cat(out)
@@ -605,19 +695,14 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     claim_folder(out_dir, {"backbone": det.config["backbone"], "dire": det.config["dire"]}, overwrite=False)
 
     def process(items: list[Any]) -> None:
-        todo, errors = [], []
-        for it in items:
-            try:
-                todo.append((it, det.prepare(it.image)))
-            except DiffFeatError as e:
-                errors.append(e)
+        todo, error = _prepared(det, items)
         if todo:
-            maps = compute_dire(det.bb, torch.stack([x for _, x in todo]), det.settings).maps  # type: ignore[arg-type]
+            maps = detect_batch(det, [x for _, x in todo])["maps"]
             for i, (it, _) in enumerate(todo):
                 if not it.out.exists():  # finished earlier, or before a bad image in its batch
                     save_dire(it.out, maps[i])
-        if errors:
-            raise errors[0]
+        if error is not None:
+            raise error
 
     try:
         run_folder(images, out_dir, ".png", process, batch_size=batch_size, desc=f"DIRE {out_dir.name}", echo=_echo,
@@ -628,35 +713,42 @@ def compute_maps_folder(det: Detector, images: Path, out_dir: Path, batch_size: 
     return [p for p in paths if p.exists()]
 
 
-@click.command("detect")
-@click.argument("real_dir", type=click.Path(path_type=Path))
-@click.argument("fake_dir", type=click.Path(path_type=Path))
-@click.option("--head", "head", type=click.Path(path_type=Path), default=None, help="Detector checkpoint folder.")
-@click.option("--training-free", is_flag=True, help="Evaluate the raw score of --preset (AP only unless calibrated).")
-@_common
-@click.option("--normalize-format", is_flag=True, help="Also report with both classes resized and JPEG re-encoded identically.")
-@click.option("--jpeg-quality", type=int, default=96, show_default=True, help="JPEG quality of --normalize-format (ImageNet's typical 96).")
-@click.option("--size", type=int, default=None, help="Square size of --normalize-format (default: the detector's input size).")
-@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")
-def eval_detect_cmd(real_dir: Path, fake_dir: Path, head: Path | None, training_free: bool, preset: str | None,
-                    model: str | None, steps: int | None, resolution: int | None, score: str | None,
-                    autoencoders: tuple[str, ...], batch_size: int,
-                    dtype: str | None, device: str | None, compile_: bool, normalize_format: bool, jpeg_quality: int, size: int | None,
-                    out: Path | None) -> None:
-    """ACC and AP of a detector on REAL_DIR vs FAKE_DIR, as-is and (--normalize-format) format-normalised."""
-    det = _detector(head, training_free, preset, model, steps, resolution, score, autoencoders, dtype, device, compile_)
+# --------------------------------------------------------------------------- eval detect
+@dataclass
+class Evaluation:
+    """``eval detect``'s result: metrics per setting (``as-is``, ``normalized``) and the images left out."""
+
+    metrics: dict[str, dict[str, float]]
+    failed: list[tuple[str, str]]
+
+    def table(self) -> list[str]:
+        """The metrics as a text table (ACC columns ``n/a`` for uncalibrated scores)."""
+        lines = [f"{'setting':<12} {'ACC':>7} {'AP':>7} {'real ACC':>9} {'fake ACC':>9} {'n real':>7} {'n fake':>7}"]
+        for name, m in self.metrics.items():
+            acc = lambda k: f"{100 * m[k]:.1f}" if k in m else "n/a"  # noqa: E731
+            lines.append(f"{name:<12} {acc('acc'):>7} {100 * m['ap']:>7.1f} {acc('real_acc'):>9} {acc('fake_acc'):>9} "
+                         f"{m['n_real']:>7} {m['n_fake']:>7}")
+        return lines
+
+    def note(self) -> str | None:
+        """One line about the images that could not be scored (None: all were)."""
+        if not self.failed:
+            return None
+        return f"{len(self.failed)} images could not be scored and were left out (first: {self.failed[0][0]})"
+
+
+def evaluate_detection(real_dir: Path, fake_dir: Path, det: Detector, batch_size: int = 4,
+                       norm: NormalizeOptions | None = None, out: Path | None = None) -> Evaluation:
+    """ACC and AP of ``det`` on ``real_dir`` vs ``fake_dir``, as-is and (``norm.normalize_format``)
+    with both classes resized and JPEG re-encoded alike; the metrics also go to the JSON ``out``."""
+    norm = norm or NormalizeOptions()
     real, fake = list_images(real_dir), list_images(fake_dir)
     run = FolderRun(echo=_echo)
     results = {"as-is": evaluate(det, real, fake, batch_size, None, run)}
-    if normalize_format:
-        results["normalized"] = evaluate(det, real, fake, batch_size, (size or det.size or 512, jpeg_quality), run)
-        results["normalized"].update(jpeg_quality=jpeg_quality, size=size or det.size or 512)
-    click.echo(f"{'setting':<12} {'ACC':>7} {'AP':>7} {'real ACC':>9} {'fake ACC':>9} {'n real':>7} {'n fake':>7}")
-    for name, m in results.items():
-        acc = lambda k: f"{100 * m[k]:.1f}" if k in m else "n/a"  # noqa: E731
-        click.echo(f"{name:<12} {acc('acc'):>7} {100 * m['ap']:>7.1f} {acc('real_acc'):>9} {acc('fake_acc'):>9} "
-                   f"{m['n_real']:>7} {m['n_fake']:>7}")
+    if norm.normalize_format:
+        size = norm.size or det.size or 512
+        results["normalized"] = {**evaluate(det, real, fake, batch_size, (size, norm.jpeg_quality), run),
+                                 "jpeg_quality": norm.jpeg_quality, "size": size}
     if out is not None:
         save_json(out, results)
-    if run.failed:
-        _echo(f"{len(run.failed)} images could not be scored and were left out (first: {run.failed[0][0]})")
+    return Evaluation(results, list(run.failed))
