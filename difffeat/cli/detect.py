@@ -10,23 +10,18 @@ from pathlib import Path
 
 import click
 
-from ..options import ExtractorOptions, FolderOptions, cli_fields
+from ..options import ExtractorOptions, FolderOptions
 from ..tasks.detect import DetectOptions, DetectorOptions, NormalizeOptions, TrainDireOptions
 from .schema import use
 
 _DETECTOR = ("model", "resolution", "dtype", "device", "compile")  # the ExtractorOptions detection reads
 
 
-def _all_but(*keep: str) -> tuple[str, ...]:
-    """The ExtractorOptions fields not in ``keep`` (for ``use(..., exclude=)``)."""
-    return tuple(f.name for f in cli_fields(ExtractorOptions) if f.name not in keep)
-
-
 @click.command("detect")
 @click.argument("images", type=click.Path(path_type=Path))
 @use(DetectorOptions, "source")
 @use(DetectOptions, "method")
-@use(ExtractorOptions, "ex", exclude=_all_but(*_DETECTOR))
+@use(ExtractorOptions, "ex", only=_DETECTOR)
 @use(FolderOptions, "run")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output CSV.")
 @click.option("--save-dire", "dire_dir", type=click.Path(path_type=Path), default=None,
@@ -49,7 +44,7 @@ def detect_cmd(images: Path, source: DetectorOptions, method: DetectOptions, ex:
 @click.argument("fake_dir", type=click.Path(path_type=Path))
 @use(TrainDireOptions, "train")
 @use(DetectOptions, "method")
-@use(ExtractorOptions, "ex", exclude=_all_but(*_DETECTOR, "seed"))
+@use(ExtractorOptions, "ex", only=(*_DETECTOR, "seed"))
 @use(FolderOptions, "run", exclude=("overwrite",))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
 def train_dire_cmd(real_dir: Path, fake_dir: Path, train: TrainDireOptions, method: DetectOptions,
@@ -70,7 +65,7 @@ def train_dire_cmd(real_dir: Path, fake_dir: Path, train: TrainDireOptions, meth
 @click.argument("fake_dir", type=click.Path(path_type=Path))
 @use(DetectorOptions, "source")
 @use(DetectOptions, "method")
-@use(ExtractorOptions, "ex", exclude=_all_but(*_DETECTOR))
+@use(ExtractorOptions, "ex", only=_DETECTOR)
 @use(FolderOptions, "run", exclude=("overwrite",))
 @use(NormalizeOptions, "norm")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON.")

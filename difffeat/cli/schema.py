@@ -55,9 +55,13 @@ def click_option(f: dataclasses.Field) -> Callable[[Callable[..., Any]], Callabl
                         show_default=spec.show_default and default not in (None, ()))
 
 
-def use(cls: type, name: str | None = None, exclude: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Any]:
+def use(cls: type, name: str | None = None, exclude: Sequence[str] = (),
+        only: Sequence[str] | None = None) -> Callable[[Callable[..., Any]], Any]:
     """Offer ``cls``'s fields as options and pass the command one ``cls`` instance as ``name``
-    (default: the class name in snake case without ``Options``)."""
+    (default: the class name in snake case without ``Options``). ``only`` / ``exclude``: the
+    fields offered; the others keep their dataclass defaults."""
+    if only is not None:
+        exclude = tuple(f.name for f in cli_fields(cls) if f.name not in only) + tuple(exclude)
     fields = cli_fields(cls, exclude)
     param = name or _param_name(cls)
 
