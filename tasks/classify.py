@@ -1,4 +1,6 @@
-"""Image classification: ``difffeat classify``, ``difffeat train probe``, ``difffeat sweep probe``.
+"""Image classification: what ``difffeat classify``, ``difffeat train probe`` and ``difffeat
+sweep probe`` do (the commands are in :mod:`difffeat.cli.classify`; :func:`classify`,
+:func:`train_probe` and :func:`sweep_probe` take the options dataclasses below).
 
 Two ways to classify with a diffusion model, behind one command:
 
@@ -23,20 +25,20 @@ the resolution, centre crop, VAE posterior mean.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import click
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from difffeat.cli import extractor_from_options, model_options
 from difffeat.errors import BadInputError, DiffFeatError
 from difffeat.heads.diffusion_classifier import (
     DiffusionClassifier, Schedule, check_class_names, compile_denoiser, fit_temperature, timestep_weights,
@@ -44,9 +46,95 @@ from difffeat.heads.diffusion_classifier import (
 from difffeat.heads.probe_cls import ProbeClassifier, accuracy, pool_features
 from difffeat.distributed import DistInfo, dist_info
 from difffeat.io import FolderRun, image_key, list_images, load_image, pil_to_tensor, save_png
+from difffeat.options import ExtractorOptions, flag_of, option
 from difffeat.runner import CsvSink, Job, output_guard, run
 
 CSV_FIELDS = ["image", "top1", "score", "topk"]
+
+
+# ---------------------------------------------------------------- options
+@dataclass
+class ClassifyOptions:
+    """The options of ``difffeat classify`` beyond the shared extractor ones.
+
+    Zero-shot (default): the Diffusion Classifier of Li et al., "Your Diffusion Model is
+    Secretly a Zero-Shot Classifier" (ICCV 2023); ``--preset`` loads one of the paper's
+    settings. ``--probe CKPT``: a probe from ``difffeat train probe``, which brings its own
+    classes and feature settings (the zero-shot fields must stay unset).
+    """
+
+    classes: str | None = option(None, "Comma-separated class names (or class ids for class-conditional models).")
+    classes_file: Path | None = option(None, "One class per line.", path=True)
+    preset: str | None = option(None, "Classify preset: cifar10, stl10, pets, flowers, food, aircraft, imagenet "
+                                "(or dc-NAME).")
+    template: str | None = option(None, "Prompt template, '{}' is the class name (default: the preset's, else "
+                                  "'a photo of a {}.').")
+    n_samples: str | None = option(None, "Timesteps per class in each stage, e.g. '50,500'.")
+    to_keep: str | None = option(None, "Classes kept after each stage, e.g. '5,1'.")
+    loss: str | None = option(None, "Denoising error (default: the preset's, else l2).", choices=("l2", "l1", "huber"))
+    trials: int | None = option(None, "Noise draws per timestep (default 1).", type=int)
+    t_weights: str | None = option(None, "Timestep weights: uniform, range:A-B, or a JSON file of T numbers.")
+    early_stop: float | None = option(None, "Racing with a fixed z threshold instead of --delta (deviation; off by "
+                                      "default).", type=float)
+    delta: float | None = option(None, "Sequential schedule: drop a class once it is worse than the leader at error "
+                                 "rate DELTA (the -fast presets; 0 = the paper's schedule).", type=float)
+    check_every: int | None = option(None, "Sequential schedule: pairs per class between two racing checks "
+                                     "(default 8).", type=int)
+    prompts_file: Path | None = option(None, "Per-class prompts: a CSV with prompt,classname columns (the reference's "
+                                       "prompts/*.csv).", path=True)
+    hierarchy: Path | None = option(None, "HDC: a class tree (JSON) whose leaves are the classes; prune level by level "
+                                    "(docs/classify.md).", path=True)
+    hierarchy_keep: str = option("5", "HDC: nodes kept per level (one number, or one per level: '10,5,3').")
+    temperature: str | None = option(None, "Score temperature (a number, e.g. one fitted by --eval) or 'auto'.")
+    compile_mode: str = option("default", "torch.compile mode; reduce-overhead adds CUDA graphs (one per batch shape).",
+                               choices=("default", "reduce-overhead", "max-autotune"))
+    topk: int = option(5, "Classes listed in the topk column.")
+    probe: Path | None = option(None, "Apply a probe from `difffeat train probe` instead.", path=True)
+    probe_kind: str = option("linear", "Which of the probe's classifiers: the linear probe or the k-NN.",
+                             choices=("linear", "knn"))
+    out: Path | None = option(None, "Predictions CSV (appended, resumable).", "-o", "--out", path=True, required=True)
+    evaluate: bool = option(False, "IMAGES has one sub-folder per class: report accuracy + confusion matrix.",
+                            "--eval", is_flag=True)
+    random_weights: bool = option(False, "Random weights (speed tests only).", is_flag=True, hidden=True)
+
+
+# the fields that set the zero-shot classifier: a --probe run must leave them unset
+ZERO_SHOT_FIELDS = ("template", "n_samples", "to_keep", "loss", "trials", "t_weights", "early_stop", "delta",
+                    "check_every", "prompts_file", "hierarchy", "hierarchy_keep", "temperature", "compile_mode")
+
+
+@dataclass
+class ProbeOptions:
+    """How ``difffeat train probe`` and ``difffeat sweep probe`` fit a linear probe and a cosine
+    k-NN on pooled features (:mod:`difffeat.heads.probe_cls`)."""
+
+    pool: int = option(1, "Adaptive average pool to POOL x POOL before flattening.")
+    val: Path | None = option(None, "A labelled validation folder.", path=True)
+    val_split: float = option(0.2, "Held-out fraction per class when --val is not given.")
+    C: float = option(1.0, "Inverse L2 strength of the logistic regression.", "-C", "--C")
+    knn_k: int = option(20, "Neighbours of the k-NN.", "-k", "--knn-k")
+    backend: str = option("auto", "Logistic-regression solver (auto: scikit-learn for small problems, else torch).",
+                          choices=("auto", "sklearn", "torch"))
+
+
+def parse_ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    """``'50,500'`` -> ``(50, 500)`` (None stays None); ``what`` names the option in the error."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+    except ValueError:
+        raise BadInputError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def given_flags(opts: Any, names: Sequence[str]) -> list[str]:
+    """The flags of ``opts``'s fields ``names`` whose value is not the field's default."""
+    out = []
+    for f in dataclasses.fields(opts):
+        if f.name in names and getattr(opts, f.name) != f.default:
+            spec = flag_of(f)
+            out.append(spec.flags[-1] if spec and spec.flags else "--" + f.name.replace("_", "-"))
+    return out
 
 
 # ---------------------------------------------------------------- inputs
@@ -365,104 +453,109 @@ def confusion_image(cm: np.ndarray, classes: list[str], acc: float) -> Image.Ima
 
 
 # ---------------------------------------------------------------- difffeat classify
-@click.command("classify")
-@click.argument("images", type=click.Path(path_type=Path))
-@click.option("--classes", default=None, help="Comma-separated class names (or class ids for class-conditional models).")
-@click.option("--classes-file", type=click.Path(path_type=Path), default=None, help="One class per line.")
-@click.option("-m", "--model", default=None, help="Model preset, local diffusers folder or hub id (default: the preset's, else difffeat-tiny).")
-@click.option("--preset", default=None, help="Classify preset: cifar10, stl10, pets, flowers, food, aircraft, imagenet (or dc-NAME).")
-@click.option("--template", default=None, help="Prompt template, '{}' is the class name (default: the preset's, else 'a photo of a {}.').")
-@click.option("--n-samples", default=None, help="Timesteps per class in each stage, e.g. '50,500'.")
-@click.option("--to-keep", default=None, help="Classes kept after each stage, e.g. '5,1'.")
-@click.option("--loss", type=click.Choice(["l2", "l1", "huber"]), default=None)
-@click.option("--trials", type=int, default=None, help="Noise draws per timestep (default 1).")
-@click.option("--t-weights", default=None, help="Timestep weights: uniform, range:A-B, or a JSON file of T numbers.")
-@click.option("--early-stop", type=float, default=None, help="Racing with a fixed z threshold instead of --delta (deviation; off by default).")
-@click.option("--delta", type=float, default=None, help="Sequential schedule: drop a class once it is worse than the leader at error rate DELTA (the -fast presets; 0 = the paper's schedule).")
-@click.option("--check-every", type=int, default=None, help="Sequential schedule: pairs per class between two racing checks (default 8).")
-@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="Per-class prompts: a CSV with prompt,classname columns (the reference's prompts/*.csv).")
-@click.option("--hierarchy", type=click.Path(path_type=Path), default=None, help="HDC: a class tree (JSON) whose leaves are the classes; prune level by level (docs/classify.md).")
-@click.option("--hierarchy-keep", default="5", show_default=True, help="HDC: nodes kept per level (one number, or one per level: '10,5,3').")
-@click.option("--temperature", default=None, help="Score temperature (a number, e.g. one fitted by --eval) or 'auto'.")
-@click.option("--topk", type=int, default=5, show_default=True, help="Classes listed in the topk column.")
-@click.option("--probe", "probe_path", type=click.Path(path_type=Path), default=None, help="Apply a probe from `difffeat train probe` instead.")
-@click.option("--probe-kind", type=click.Choice(["linear", "knn"]), default="linear", show_default=True)
-@click.option("--resolution", type=int, default=None, help="Input size (default: the preset's / model's).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="Default: bf16 on CUDA, fp32 on CPU.")
-@click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available).")
-@click.option("--max-batch", type=int, default=32, show_default=True, help="Denoiser rows per call.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the denoiser (static batch shapes).")
-@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]), default="default",
-              show_default=True, help="torch.compile mode; reduce-overhead adds CUDA graphs (one per batch shape).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--random-weights", is_flag=True, hidden=True, help="Random weights (speed tests only).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Predictions CSV (appended, resumable).")
-@click.option("--eval", "evaluate", is_flag=True, help="IMAGES has one sub-folder per class: report accuracy + confusion matrix.")
-@click.option("--overwrite", is_flag=True, help="Start the CSV over.")
-def classify_cmd(images: Path, classes: str | None, classes_file: Path | None, model: str | None, preset: str | None,
-                 template: str | None, n_samples: str | None, to_keep: str | None, loss: str | None, trials: int | None,
-                 t_weights: str | None, early_stop: float | None, delta: float | None, check_every: int | None,
-                 prompts_file: Path | None, hierarchy: Path | None, hierarchy_keep: str, temperature: str | None,
-                 topk: int,
-                 probe_path: Path | None, probe_kind: str, resolution: int | None, dtype: str | None, device: str | None,
-                 max_batch: int, compile_: bool, compile_mode: str, seed: int, random_weights: bool, out: Path,
-                 evaluate: bool, overwrite: bool) -> None:
-    """Classify IMAGES zero-shot (Diffusion Classifier) or with a trained probe; write a CSV."""
-    files, labels = labelled_images(images) if evaluate else (list_images(images), [])
-    class_list = parse_classes(classes, classes_file)
-    if probe_path is not None:
-        if class_list is not None or preset is not None:
-            raise BadInputError("--probe brings its own classes and features; drop --classes/--classes-file/--preset")
-        probe = ProbeClassifier.load(probe_path, expect_backbone={"preset": model_id(model)} if model else None)
-        cfg = probe.backbone
-        import difffeat
+@dataclass
+class Prepared:
+    """A classifier ready for :func:`run_classify`: the predictor and how to feed it."""
 
+    predict: Predictor
+    classes: list[str]
+    zero_shot: bool
+    batch_size: int  # images per predictor call
+    max_side: int | None  # the loader may reduce huge images to this side
+    paper_evals: int | None = None  # denoiser evaluations per image of the full schedule (zero-shot)
+
+
+@dataclass
+class ClassifyReport:
+    """What :func:`classify` did (the CLI prints it, then calls ``run.finish()``)."""
+
+    run: FolderRun
+    merged: bool = True  # False: a data-parallel rank that left the merge to another rank
+    evals: list[int] = field(default_factory=list)  # denoiser evaluations per newly classified image
+    paper_evals: int | None = None
+    evaluation: dict[str, Any] | None = None  # :func:`evaluate_csv`'s result with --eval
+
+
+def classify(images: Path, opts: ClassifyOptions, ex: ExtractorOptions | None = None,
+             overwrite: bool = False) -> ClassifyReport:
+    """``difffeat classify``: classify every image under ``images`` into the CSV ``opts.out``.
+
+    Zero-shot with the Diffusion Classifier (Li et al., ICCV 2023; :func:`build_zero_shot`),
+    or with the probe ``opts.probe``. ``ex`` gives the model and the runtime settings (model,
+    seed, resolution, dtype, device, max_batch, compile). With ``opts.evaluate`` the first
+    sub-folder of each image is its class and the report holds accuracy and a confusion matrix.
+    """
+    ex = ex or ExtractorOptions()
+    if opts.out is None:
+        raise BadInputError("classify needs an output CSV (-o/--out)")
+    files, labels = labelled_images(images) if opts.evaluate else (list_images(images), [])
+    if opts.probe is not None:
+        ready = probe_classifier(opts, ex)
+    else:
+        ready = zero_shot_classifier(opts, ex, sorted(set(labels)) if opts.evaluate else None)
+    if opts.evaluate:
+        folder_to_class(labels, ready.classes)  # fail before the run if a folder matches no class
+    run = run_classify(images, opts.out, ready.predict, ready.batch_size, opts.topk, overwrite, files,
+                       max_side=ready.max_side)
+    report = ClassifyReport(run, merged=getattr(run, "merged", True))
+    if not report.merged:
+        return report
+    report.evals = list(getattr(ready.predict, "evals", []))
+    report.paper_evals = ready.paper_evals
+    if opts.evaluate:
+        report.evaluation = evaluate_csv(opts.out, images, files, labels, ready.classes, ready.zero_shot)
+    return report
+
+
+def zero_shot_classifier(opts: ClassifyOptions, ex: ExtractorOptions, folders: list[str] | None) -> Prepared:
+    """The Diffusion Classifier (flat, or HDC with ``opts.hierarchy``) that ``opts`` describe."""
+    classes = parse_classes(opts.classes, opts.classes_file)
+    if opts.hierarchy is not None and classes is None:
+        from difffeat.heads.dc_hierarchy import load_tree
+
+        classes = [n.name for n in load_tree(opts.hierarchy).leaves()]  # the tree's leaves are the classes
+    clf, res = build_zero_shot(
+        ex.model, opts.preset, classes, folders, opts.template, opts.n_samples, opts.to_keep, opts.loss, opts.trials,
+        opts.t_weights, opts.early_stop, opts.temperature, ex.resolution, ex.dtype, ex.device, ex.max_batch,
+        ex.compile, ex.seed, opts.random_weights, delta=opts.delta, check_every=opts.check_every,
+        prompts_file=opts.prompts_file, compile_mode=None if opts.compile_mode == "default" else opts.compile_mode)
+    if opts.hierarchy is not None:
+        clf = hierarchical(clf, opts.hierarchy, parse_ints(opts.hierarchy_keep, "--hierarchy-keep") or (5,))
+    paper = clf.schedule.unet_evals(len(clf.classes), clf.backbone.num_train_timesteps)
+    return Prepared(zero_shot_predictor(clf, res), list(clf.classes), zero_shot=True, batch_size=1,
+                    max_side=4 * res, paper_evals=paper)
+
+
+def probe_classifier(opts: ClassifyOptions, ex: ExtractorOptions) -> Prepared:
+    """The probe ``opts.probe`` on the extractor it was trained with (``-m`` must match it)."""
+    assert opts.probe is not None
+    if opts.classes is not None or opts.classes_file is not None or opts.preset is not None:
+        raise BadInputError("--probe brings its own classes and features; drop --classes/--classes-file/--preset")
+    given = given_flags(opts, ZERO_SHOT_FIELDS) + given_flags(ex, ("resolution",))
+    if given:
+        raise BadInputError(f"--probe uses the settings recorded with the probe: drop {', '.join(given)} "
+                            "(options of the zero-shot classifier)")
+    probe = ProbeClassifier.load(opts.probe, expect_backbone={"preset": model_id(ex.model)} if ex.model else None)
+    extractor = probe_extractor(probe.backbone, ex, opts.random_weights)
+    from difffeat.pipeline import working_side
+
+    return Prepared(probe_predictor(probe, extractor, opts.probe_kind), probe.classes, zero_shot=False,
+                    batch_size=8, max_side=working_side(extractor))
+
+
+def probe_extractor(record: dict[str, Any], ex: ExtractorOptions, random_weights: bool = False) -> Any:
+    """The extractor a probe checkpoint records, on this machine's device/dtype/max_batch/compile."""
+    runtime = dict(device=ex.device, dtype=ex.dtype, max_batch=ex.max_batch, compile=ex.compile)
+    if record.get("extractor"):
         from difffeat.heads.checkpoint import rebuild_extractor
 
-        ex = rebuild_extractor(cfg, device=device, dtype=dtype, max_batch=max_batch, compile=compile_) if cfg.get("extractor") \
-            else difffeat.create(cfg["preset"], layers=cfg["layers"], timesteps=cfg["timesteps"], ensemble=cfg.get("ensemble"),
-                                 noise=cfg.get("noise"), seed=int(cfg.get("seed", 0)), prompt=cfg.get("prompt"),
-                                 resolution=cfg.get("resolution"), resize=cfg.get("resize"), dtype=dtype, device=device,
-                                 max_batch=max_batch, compile=compile_, random_weights=random_weights)
-        predict, names, zero_shot, batch = probe_predictor(probe, ex, probe_kind), probe.classes, False, 8
-        from difffeat.pipeline import working_side
+        return rebuild_extractor(record, **runtime)
+    from difffeat.factory import create
 
-        side = working_side(ex)
-    else:
-        if hierarchy is not None and class_list is None:
-            from difffeat.heads.dc_hierarchy import load_tree
-
-            class_list = [n.name for n in load_tree(hierarchy).leaves()]  # the tree's leaves are the classes
-        clf, res = build_zero_shot(model, preset, class_list, sorted(set(labels)) if evaluate else None, template,
-                                   n_samples, to_keep, loss, trials, t_weights, early_stop, temperature, resolution,
-                                   dtype, device, max_batch, compile_, seed, random_weights, delta=delta,
-                                   check_every=check_every, prompts_file=prompts_file,
-                                   compile_mode=None if compile_mode == "default" else compile_mode)
-        if hierarchy is not None:
-            clf = hierarchical(clf, hierarchy, _ints(hierarchy_keep, "--hierarchy-keep") or (5,))
-        predict, names, zero_shot, batch = zero_shot_predictor(clf, res), clf.classes, True, 1
-        side = 4 * res  # the loader may reduce huge images to >= 4x the input size
-    if evaluate:
-        folder_to_class(labels, names)  # fail before the run if a folder matches no class
-    run = run_classify(images, out, predict, batch, topk, overwrite, files, max_side=side)
-    if not getattr(run, "merged", True):
-        click.echo(f"rank {dist_info().rank}: {run.done} new rows; another rank merges {out}")
-        run.finish("images")
-        return
-    click.echo(f"wrote {out}: {run.done} new, {run.skipped} already there")
-    used = getattr(predict, "evals", None)
-    if used:
-        cap = clf.schedule.unet_evals(len(clf.classes), clf.backbone.num_train_timesteps)
-        click.echo(f"denoiser evaluations per image: mean {sum(used) / len(used):.0f}, max {max(used)} "
-                   f"(the paper schedule: {cap})")
-    if evaluate:
-        r = evaluate_csv(out, images, files, labels, names, zero_shot)
-        click.echo(f"accuracy: {100 * r['accuracy']:.2f}% ({r['correct']}/{r['total']}); confusion matrix: {r['confusion_png']}")
-        if "fitted_temperature" in r:
-            click.echo(f"fitted score temperature: {r['fitted_temperature']:.4g} (pass --temperature to calibrate scores)")
-    run.finish("images")
-
-
+    return create(record["preset"], layers=record["layers"], timesteps=record["timesteps"],
+                  ensemble=record.get("ensemble"), noise=record.get("noise"), seed=int(record.get("seed", 0)),
+                  prompt=record.get("prompt"), resolution=record.get("resolution"), resize=record.get("resize"),
+                  random_weights=random_weights, **runtime)
 def hierarchical(flat: DiffusionClassifier, tree_path: Path, keep: Sequence[int]) -> Any:
     """HDC over ``flat``'s settings: its leaf schedule and racing, levels on its first stage's
     timesteps; leaf prompts from ``flat`` where a leaf of the tree is one of its classes."""
@@ -480,14 +573,6 @@ def hierarchical(flat: DiffusionClassifier, tree_path: Path, keep: Sequence[int]
         check_every=flat.check_every, static_batches=flat.static_batches)
 
 
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
-    except ValueError:
-        raise BadInputError(f"{what} must be comma-separated integers, got {text!r}") from None
-
 
 def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | None, folders: list[str] | None,
                     template: str | None, n_samples: str | None, to_keep: str | None, loss: str | None,
@@ -500,45 +585,23 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
     Prompts: ``prompts_file`` (CSV), else the preset's per-class ``prompts``, else the template;
     without ``classes`` the prompt file's classes are used (in file order)."""
     from difffeat.backbone import load_backbone
-    from difffeat.presets import pick, precedence
-    from difffeat.registry import DEFAULT_MODEL, MODELS
+    from difffeat.presets import pick
+    from difffeat.registry import DEFAULT_MODEL
 
     raw = classify_preset(preset) if preset else {}
     cfg = dict(raw.get("classifier") or {})
     extract = dict(raw.get("extract") or {})
     model = pick(model, extract.get("model"), DEFAULT_MODEL)
     table = read_prompts_file(prompts_file) if prompts_file is not None else cfg.get("prompts")
-    names = classes or (list(table) if prompts_file is not None else None) or cfg.get("classes") or (
-        [f.replace("_", " ") for f in folders] if folders else None)
-    if names is None:
-        raise BadInputError("empty class list: give --classes 'a,b,...' or --classes-file FILE (one class per line)")
-    names = check_class_names([str(n) for n in names])
-    default = Schedule()
-    ns, tk = _ints(n_samples, "--n-samples"), _ints(to_keep, "--to-keep")
-    if ns is not None and tk is None and len(ns) == 1:
-        tk = (1,)  # one stage: score every class on every timestep
-    opt = precedence(  # options over the preset over the defaults
-        dict(n_samples=ns, to_keep=tk, loss=loss, trials=trials, temperature=temperature, template=template,
-             timestep_weights=t_weights, resolution=resolution, check_every=check_every),
-        {**cfg, "resolution": extract.get("resolution")},
-        dict(n_samples=default.n_samples, to_keep=default.to_keep, loss=default.loss, trials=1, check_every=8,
-             template="a photo of a {}.", resolution=MODELS[model].resolution if model in MODELS else None))
+    names = zero_shot_class_names(classes, list(table) if prompts_file is not None else None, cfg, folders)
+    opt = zero_shot_settings(model, cfg, extract, dict(
+        n_samples=n_samples, to_keep=to_keep, loss=loss, trials=trials, temperature=temperature, template=template,
+        timestep_weights=t_weights, resolution=resolution, check_every=check_every))
     schedule = Schedule(n_samples=tuple(opt["n_samples"]), to_keep=tuple(opt["to_keep"]), loss=opt["loss"],
                         trials=int(opt["trials"]))
-    tau: float | str = "auto"
-    t_spec = opt["temperature"]
-    if t_spec not in (None, "auto"):
-        try:
-            tau = float(t_spec)  # type: ignore[arg-type]
-        except ValueError:
-            raise BadInputError(f"--temperature must be a number or 'auto', got {t_spec!r}") from None
+    tau = parse_temperature(opt["temperature"])
     bb = load_backbone(model, dtype=dtype, device=device, random_weights=random_weights)
-    res = opt["resolution"]
-    if res is None:
-        res = int(bb.denoiser.config.get("sample_size", 64) or 64) * bb.latent_scale
-    res = int(res)
-    if res % bb.size_multiple:
-        raise BadInputError(f"resolution {res} is not a multiple of {bb.size_multiple} for {bb.name}")
+    res = input_size(bb, opt["resolution"])
     tpl = opt["template"]
     if "{}" not in tpl:
         raise BadInputError(f"prompt template {tpl!r} has no '{{}}' for the class name")
@@ -552,6 +615,55 @@ def build_zero_shot(model: str | None, preset: str | None, classes: list[str] | 
     if compile_:
         compile_denoiser(bb, compile_mode)
     return clf, res
+
+
+def zero_shot_class_names(classes: list[str] | None, prompt_classes: list[str] | None, cfg: dict[str, Any],
+                          folders: list[str] | None) -> list[str]:
+    """The class list: given, else the prompts file's, else the preset's, else the label folders'."""
+    names = classes or prompt_classes or cfg.get("classes") or (
+        [f.replace("_", " ") for f in folders] if folders else None)
+    if names is None:
+        raise BadInputError("empty class list: give --classes 'a,b,...' or --classes-file FILE (one class per line)")
+    return check_class_names([str(n) for n in names])
+
+
+def zero_shot_settings(model: str, cfg: dict[str, Any], extract: dict[str, Any],
+                       given: dict[str, Any]) -> dict[str, Any]:
+    """The classifier settings: ``given`` (options; None = unset) over the preset over the defaults
+    (:func:`difffeat.presets.precedence`). ``n_samples``/``to_keep`` strings are parsed here."""
+    from difffeat.presets import precedence
+    from difffeat.registry import MODELS
+
+    ns, tk = parse_ints(given["n_samples"], "--n-samples"), parse_ints(given["to_keep"], "--to-keep")
+    if ns is not None and tk is None and len(ns) == 1:
+        tk = (1,)  # one stage: score every class on every timestep
+    default = Schedule()
+    return precedence(
+        {**given, "n_samples": ns, "to_keep": tk},
+        {**cfg, "resolution": extract.get("resolution")},
+        dict(n_samples=default.n_samples, to_keep=default.to_keep, loss=default.loss, trials=1, check_every=8,
+             template="a photo of a {}.", resolution=MODELS[model].resolution if model in MODELS else None))
+
+
+def parse_temperature(spec: Any) -> float | str:
+    """``--temperature``: a number, or ``'auto'`` (also when unset)."""
+    if spec in (None, "auto"):
+        return "auto"
+    try:
+        return float(spec)
+    except ValueError:
+        raise BadInputError(f"--temperature must be a number or 'auto', got {spec!r}") from None
+
+
+def input_size(bb: Any, resolution: int | None) -> int:
+    """The classifier's square input size: ``resolution``, else the denoiser's native one."""
+    res = resolution
+    if res is None:
+        res = int(bb.denoiser.config.get("sample_size", 64) or 64) * bb.latent_scale
+    res = int(res)
+    if res % bb.size_multiple:
+        raise BadInputError(f"resolution {res} is not a multiple of {bb.size_multiple} for {bb.name}")
+    return res
 
 
 # ---------------------------------------------------------------- probes: train + sweep
@@ -632,75 +744,69 @@ def backbone_record(model: str | None, ex: Any, pool: int) -> dict[str, Any]:
     return feature_record(ex, model_id(model or DEFAULT_MODEL), **{k: ex.config.get(k) for k in keys}, pool=int(pool))
 
 
-def probe_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--pool", type=int, default=1, show_default=True, help="Adaptive average pool to POOL x POOL before flattening."),
-        click.option("--val", "val_dir", type=click.Path(path_type=Path), default=None, help="A labelled validation folder."),
-        click.option("--val-split", type=float, default=0.2, show_default=True, help="Held-out fraction per class when --val is not given."),
-        click.option("-C", "--C", "C", type=float, default=1.0, show_default=True, help="Inverse L2 strength of the logistic regression."),
-        click.option("-k", "--knn-k", type=int, default=20, show_default=True, help="Neighbours of the k-NN."),
-        click.option("--backend", type=click.Choice(["auto", "sklearn", "torch"]), default="auto", show_default=True),
-        click.option("-b", "--batch-size", type=int, default=8, show_default=True, help="Images per extraction batch."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def train_probe(images: Path, opts: ProbeOptions, ex: ExtractorOptions, out: Path,
+                batch_size: int = 4) -> tuple[ProbeClassifier, int]:
+    """``difffeat train probe``: fit a linear probe and a k-NN on pooled features of ``images``
+    (one sub-folder per class), validate them, save the checkpoint folder ``out``.
 
-
-@click.command("probe")
-@click.argument("images", type=click.Path(path_type=Path))
-@model_options
-@probe_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder.")
-def train_probe_cmd(images: Path, pool: int, val_dir: Path | None, val_split: float, C: float, knn_k: int, backend: str,
-                    batch_size: int, out: Path, **opts: Any) -> None:
-    """Fit a linear probe and a k-NN on pooled features of IMAGES (one sub-folder per class)."""
-    ex = extractor_from_options(**opts)
-    classes, xtr, ytr, xva, yva = probe_data(images, val_dir, val_split, opts["seed"], ex, pool, batch_size)
+    Returns the probe (validation accuracy in ``probe.metrics``) and its feature width."""
+    extractor = ex.create()
+    classes, xtr, ytr, xva, yva = probe_data(images, opts.val, opts.val_split, ex.seed, extractor, opts.pool,
+                                             batch_size)
     x = torch.cat(list(xtr.values()), dim=1)
-    probe = ProbeClassifier.fit(x, ytr, classes, backbone_record(opts["model"], ex, pool), C=C, k=knn_k, backend=backend)
+    probe = ProbeClassifier.fit(x, ytr, classes, backbone_record(ex.model, extractor, opts.pool), C=opts.C,
+                                k=opts.knn_k, backend=opts.backend)
     probe.metrics = {"train_images": int(ytr.numel()), "val_images": int(yva.numel())}
     if yva.numel():
         xv = torch.cat(list(xva.values()), dim=1)
         probe.metrics["val_linear_acc"] = accuracy(probe.predict_proba(xv, "linear"), yva)
         probe.metrics["val_knn_acc"] = accuracy(probe.predict_proba(xv, "knn"), yva)
-        click.echo(f"validation accuracy: linear {100 * probe.metrics['val_linear_acc']:.2f}%, "
-                   f"k-NN {100 * probe.metrics['val_knn_acc']:.2f}% ({yva.numel()} images)")
     probe.save(out)
-    click.echo(f"wrote probe {out} ({len(classes)} classes, {ytr.numel()} training images, {x.shape[1]}-d features)")
+    return probe, int(x.shape[1])
 
 
-@click.command("probe")
-@click.argument("images", type=click.Path(path_type=Path))
-@model_options
-@probe_options
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="Also write the table as CSV.")
-def sweep_probe_cmd(images: Path, pool: int, val_dir: Path | None, val_split: float, C: float, knn_k: int, backend: str,
-                    batch_size: int, out: Path | None, **opts: Any) -> None:
-    """Validation accuracy of a linear probe and a k-NN for every (layer, t) of -l/-t (one extraction pass)."""
-    ex = extractor_from_options(**opts)
-    classes, xtr, ytr, xva, yva = probe_data(images, val_dir, val_split, opts["seed"], ex, pool, batch_size)
+@dataclass
+class ProbeSweep:
+    """:func:`sweep_probe`'s table: one row per feature key (layer, t, dim, linear_acc, knn_acc)."""
+
+    rows: list[dict[str, Any]]
+    classes: list[str]
+    train_images: int
+    val_images: int
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return max(self.rows, key=lambda r: (r["linear_acc"], r["knn_acc"]))
+
+
+def sweep_probe(images: Path, opts: ProbeOptions, ex: ExtractorOptions, out: Path | None = None,
+                batch_size: int = 4) -> ProbeSweep:
+    """``difffeat sweep probe``: validation accuracy of a linear probe and a k-NN for every
+    (layer, t) of ``ex`` from one extraction pass; with ``out`` also the table as CSV."""
+    extractor = ex.create()
+    classes, xtr, ytr, xva, yva = probe_data(images, opts.val, opts.val_split, ex.seed, extractor, opts.pool,
+                                             batch_size)
     if not yva.numel():
-        raise BadInputError("a sweep needs validation images: use --val DIR or --val-split > 0 with >= 2 images per class")
-    info = {f["name"]: f for f in getattr(ex, "feature_info", [])}
+        raise BadInputError("a sweep needs validation images: use --val DIR or --val-split > 0 with >= 2 images "
+                            "per class")
+    info = {f["name"]: f for f in getattr(extractor, "feature_info", [])}
     rows = []
     for key in xtr:
-        probe = ProbeClassifier.fit(xtr[key], ytr, classes, {}, C=C, k=knn_k, backend=backend)
+        probe = ProbeClassifier.fit(xtr[key], ytr, classes, {}, C=opts.C, k=opts.knn_k, backend=opts.backend)
         f = info.get(key, {})
         rows.append({"layer": f.get("layer", key), "t": f.get("t", ""), "dim": int(xtr[key].shape[1]),
                      "linear_acc": accuracy(probe.predict_proba(xva[key], "linear"), yva),
                      "knn_acc": accuracy(probe.predict_proba(xva[key], "knn"), yva)})
-    best = max(rows, key=lambda r: (r["linear_acc"], r["knn_acc"]))
-    click.echo(f"{'layer':<14} {'t':>5} {'dim':>7} {'linear':>8} {'k-NN':>8}   ({len(classes)} classes, "
-               f"{ytr.numel()} train / {yva.numel()} val images)")
-    for r in rows:
-        mark = "  <- best" if r is best else ""
-        click.echo(f"{r['layer']:<14} {r['t']:>5} {r['dim']:>7} {100 * r['linear_acc']:>7.2f}% {100 * r['knn_acc']:>7.2f}%{mark}")
     if out is not None:
-        from difffeat.io import atomic_path
+        write_table(out, rows)
+    return ProbeSweep(rows, classes, int(ytr.numel()), int(yva.numel()))
 
-        with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        click.echo(f"wrote {out}")
+
+def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as a CSV (written atomically; the columns of the first row)."""
+    from difffeat.io import atomic_path
+
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

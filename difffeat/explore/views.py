@@ -267,11 +267,11 @@ def classify_image(s: Session, image: Image.Image, classes: str, n_samples: str,
     """Zero-shot Diffusion Classifier ranking of one image; ``progress(fraction, message)`` per batch."""
     from difffeat.heads.diffusion_classifier import DiffusionClassifier, Schedule
     from difffeat.io import image_key
-    from difffeat.tasks.classify import _ints, center_crop_tensor
+    from difffeat.tasks.classify import center_crop_tensor, parse_ints
 
     names = parse_class_list(classes)
     ids = tiny_class_ids(s, names)
-    ns, tk = _ints(n_samples or None, "n samples"), _ints(to_keep or None, "to keep")
+    ns, tk = parse_ints(n_samples or None, "n samples"), parse_ints(to_keep or None, "to keep")
     sched = Schedule(**({"n_samples": ns} if ns else {}), **({"to_keep": tk} if tk else {}))
     bb = s.backbone
     res = s.model_defaults()["resolution"]
