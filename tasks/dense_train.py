@@ -1,4 +1,7 @@
-"""Training a dense head (segmentation, depth, edges) on frozen backbone features.
+"""Training a dense head (segmentation, depth, edges, any task of
+:data:`~difffeat.tasks.dense_tasks.TASKS`) on frozen backbone features. Everything that
+differs between the tasks (loss, its normaliser, target resizing, output channels, metric)
+is read from the task's record; :func:`train_dense` is the same for all of them.
 
 Two modes:
 
@@ -126,9 +129,8 @@ def resize_target(target: torch.Tensor, size: tuple[int, int], task: str) -> tor
     if tuple(target.shape[-2:]) == tuple(size):
         return target
     mode = get_task(task).resize
-    x = target.float().reshape(-1, 1, *target.shape[-2:])
-    x = F.interpolate(x, size=size, mode=mode, align_corners=False) if mode in ("bilinear", "bicubic") else \
-        F.interpolate(x, size=size, mode=mode)
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = F.interpolate(target.float().reshape(-1, 1, *target.shape[-2:]), size=size, mode=mode, **corners)
     return x.reshape(*target.shape[:-2], *size).to(target.dtype)
 
 
