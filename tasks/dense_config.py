@@ -16,8 +16,10 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from difffeat.errors import BadInputError, one_of
+from difffeat.presets import precedence
 
-TASKS = ("seg", "depth", "edges")
+from .dense_tasks import get_task
+
 OPEN_SECTIONS = ("head.args", "head.aggregator", "backbone")
 
 
@@ -29,12 +31,8 @@ def _config_dir() -> Path:
 
 
 def default_config(task: str) -> dict[str, Any]:
-    """The packaged defaults of ``task``."""
-    if task not in TASKS:
-        raise one_of("task", task, TASKS)
-    from difffeat.registry import read_yaml
-
-    return read_yaml(_config_dir() / f"{task}.yaml")
+    """The packaged defaults of ``task`` (its record's ``config``, else configs/train/TASK.yaml)."""
+    return get_task(task).default_config(_config_dir())
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -93,24 +91,43 @@ def _flatten(d: Mapping[str, Any], prefix: str = "", into_open: bool = False) ->
             yield name, v
 
 
-def load_train_config(task: str, config_file: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Defaults of ``task``, then ``config_file`` (partial YAML), then ``key=value`` overrides."""
+def get_key(cfg: Mapping[str, Any], key: str) -> Any:
+    """The value of dotted ``key`` in ``cfg`` (None where a section or the key is missing)."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def _file_pairs(task: str, config_file: str | Path | None) -> list[tuple[str, Any]]:
+    """The dotted settings of a user YAML (``--config``), checked to be a ``task`` mapping."""
+    if config_file is None:
+        return []
+    path = Path(config_file)
+    if not path.exists():
+        raise BadInputError(f"config file not found: {path}")
+    from difffeat.registry import read_yaml
+
+    user = read_yaml(path) or {}
+    if not isinstance(user, dict):
+        raise BadInputError(f"{path} must be a YAML mapping")
+    if user.get("task", task) != task:
+        raise BadInputError(f"{path} is a {user['task']!r} config, not {task!r}")
+    return [(k, copy.deepcopy(v)) for k, v in _flatten(user, into_open=True)]
+
+
+def load_train_config(task: str, config_file: str | Path | None = None, overrides: Iterable[str] = (),
+                      flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of ``task``, then ``config_file`` (partial YAML), then ``key=value`` overrides,
+    then ``flags``: dotted keys set by command-line options, ``None`` for an option not given.
+
+    The flags merge by :func:`difffeat.presets.precedence` (a flag given wins over the file
+    and the overrides, one not given keeps their value). Overrides and the file are applied
+    in order, where ``key=null`` is a value (``data.max_depth=null``: no limit).
+    """
     cfg = default_config(task)
     default_kind = cfg["head"]["kind"]
-    pairs: list[tuple[str, Any]] = []
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.exists():
-            raise BadInputError(f"config file not found: {path}")
-        from difffeat.registry import read_yaml
-
-        user = read_yaml(path) or {}
-        if not isinstance(user, dict):
-            raise BadInputError(f"{path} must be a YAML mapping")
-        if user.get("task", task) != task:
-            raise BadInputError(f"{path} is a {user['task']!r} config, not {task!r}")
-        pairs += [(k, copy.deepcopy(v)) for k, v in _flatten(user, into_open=True)]
-    pairs += [parse_override(item) for item in overrides]
+    pairs = _file_pairs(task, config_file) + [parse_override(item) for item in overrides]
     for key, value in pairs:
         set_key(cfg, key, value)
     if cfg["head"]["kind"] != default_kind:  # the defaults' head args belong to another head
@@ -118,6 +135,9 @@ def load_train_config(task: str, config_file: str | Path | None = None, override
         for key, value in pairs:
             if key.startswith("head.args"):
                 set_key(cfg, key, value)
+    flags = dict(flags or {})
+    for key, value in precedence(flags, {k: get_key(cfg, k) for k in flags}).items():
+        set_key(cfg, key, value)
     return cfg
 
 

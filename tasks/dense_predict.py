@@ -5,8 +5,8 @@
   resized back, batched) or sliding-window mode (the image scaled so its shorter side is
   the training resolution, overlapping square windows averaged, as mmseg's ``slide``
   inference), for images much larger than the training size.
-* ``write_*`` turn maps into files: seg -> indexed PNG (+ colour overlay), depth -> 16-bit
-  PNG (+ colour-mapped PNG), edges -> probability PNG (optionally NMS'd, or thinned binary).
+* What a map means, how it is scored and written is the task's record
+  (:mod:`difffeat.tasks.dense_tasks`); the writers live in :mod:`.dense_io` (re-exported here).
 * :func:`evaluate` scores a head (in memory) or saved predictions against a labelled folder
   with :mod:`difffeat.tasks.dense_metrics`.
 """
@@ -16,48 +16,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
 from difffeat.errors import BadInputError
 from difffeat.heads import LoadedHead, load_head
 from difffeat.heads.blocks import resize
-from difffeat.io import atomic_path, load_image, pil_to_tensor, prepare_image, save_png
+from difffeat.io import load_image, pil_to_tensor, prepare_image
 
-from .dense_data import IGNORE_INDEX, DenseFolder, default_palette, load_depth, load_edges, load_mask
-from .dense_metrics import DepthMetric, EdgeMetric, SegMetric
-from .edge_ops import edge_nms, thin
-
-TASK_NAMES = {"seg": "segmentation", "depth": "depth", "edges": "edges"}
-
+from .dense_data import DenseFolder
+from .dense_io import IGNORE_INDEX, seg_palette, write_depth, write_edges, write_seg
+from .dense_tasks import LabelSettings, MetricSettings, get_task, is_relative_depth, train_config_of
 
 # --------------------------------------------------------------------------- head outputs
 def head_outputs(head: torch.nn.Module, feats: Mapping[str, torch.Tensor], out_size: Sequence[int] | None,
                  task: str, config: Mapping[str, Any], with_sides: bool = False) -> Any:
-    """The task's map from a head: seg logits, depth (metres or relative), edge logits.
+    """The task's map from a head (seg logits, depth, edge logits: the task's ``decode``).
 
-    ``with_sides`` (edges + HED head): also return the side outputs for deep supervision.
-    A probe head on metric depth predicts log-depth (exp is applied here).
+    ``with_sides``: also return the side outputs the task's loss supervises (HED's, for edges;
+    an empty list for other heads).
     """
-    kind = config["head"]["kind"]
+    spec, kind = get_task(task), config["head"]["kind"]
     size = None if out_size is None else tuple(int(s) for s in out_size)
-    if task == "edges" and kind == "hed":
+    if with_sides and kind in spec.side_outputs:
         fused, sides = head(feats, size, return_sides=True)
-        return (fused, sides) if with_sides else fused
-    out = head(feats, size)
-    if task == "depth" and kind == "probe" and config.get("loss", {}).get("kind", "silog") == "silog":
-        out = torch.exp(out.float().clamp(max=20.0))
-    return (out, []) if with_sides else out
-
-
-def train_config_of(checkpoint_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The training config stored in a checkpoint (or a minimal one naming its head)."""
-    return checkpoint_config.get("extra", {}).get("train_config") or {"head": checkpoint_config["head"]}
-
-
-def is_relative_depth(config: Mapping[str, Any]) -> bool:
-    return config.get("loss", {}).get("kind") == "ssi" or config["head"].get("args", {}).get("mode") == "relative"
+    else:
+        fused, sides = head(feats, size), []
+    out = spec.decode(fused, config)
+    return (out, sides) if with_sides else out
 
 
 def autocast(device: torch.device, enabled: bool = True) -> Any:
@@ -166,76 +152,20 @@ class DensePredictor:
         return resize((acc / count)[None], (h0, w0))[0]
 
 
-# --------------------------------------------------------------------------- output files
-def seg_palette(config: Mapping[str, Any], n: int) -> list[tuple[int, int, int]]:
-    pal = config.get("palette")
-    return [tuple(c) for c in pal] if pal and len(pal) >= n else default_palette(max(n, 1))  # type: ignore[misc]
-
-
-def write_seg(path: Path, labels: np.ndarray, image: Image.Image, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> None:
-    """Indexed PNG ``path`` (written last: marks the image done) + ``<stem>_overlay.png``."""
-    pal = np.zeros((256, 3), np.uint8)
-    pal[: min(256, len(palette))] = np.asarray(palette[:256], np.uint8)
-    colour = pal[labels.clip(0, 255)]
-    overlay = (np.asarray(image.convert("RGB"), np.float32) * (1 - alpha) + colour * alpha + 0.5).astype(np.uint8)
-    save_png(path.with_name(path.stem + "_overlay.png"), overlay)
-    mask = Image.fromarray(labels.astype(np.uint8), mode="P")
-    mask.putpalette(pal.flatten().tolist())
-    with atomic_path(path) as tmp:
-        mask.save(tmp, format="PNG")
-
-
-def write_depth(path: Path, depth: np.ndarray, depth_scale: float, relative: bool) -> dict[str, float]:
-    """16-bit PNG (metric: metres x ``depth_scale``; relative: min-max to 0..65535) + ``_color.png``."""
-    from difffeat.viz import colormap
-
-    d = depth.astype(np.float64)
-    lo, hi = float(d.min()), float(d.max())
-    if relative:
-        q = (d - lo) / max(hi - lo, 1e-12) * 65535.0
-    else:
-        q = d * depth_scale
-    save_png(path.with_name(path.stem + "_color.png"), colormap(-d))  # near = warm
-    save_png(path, np.clip(q + 0.5, 0, 65535).astype(np.uint16))
-    return {"min": lo, "max": hi}
-
-
-def write_edges(path: Path, prob: np.ndarray, nms: bool = False, thin_threshold: float | None = None) -> None:
-    """8-bit edge probability PNG; ``nms`` suppresses non-maxima; ``thin_threshold`` writes thinned 0/255."""
-    p = edge_nms(prob) if nms else prob
-    if thin_threshold is not None:
-        p = thin(p >= thin_threshold).astype(np.float32)
-    save_png(path, (np.clip(p, 0, 1) * 255 + 0.5).astype(np.uint8))
-
-
 # --------------------------------------------------------------------------- evaluation
-def make_metric(task: str, *, num_classes: int | None = None, class_names: Sequence[str] | None = None,
-                ignore_index: int = IGNORE_INDEX, min_depth: float = 1e-3, max_depth: float | None = None,
-                align: str | None = None, thresholds: int = 99, max_dist: float = 0.0075) -> Any:
-    if task == "seg":
-        if not num_classes:
-            raise BadInputError("segmentation metrics need the number of classes (classes.txt or the checkpoint)")
-        return SegMetric(num_classes, ignore_index, class_names)
-    if task == "depth":
-        return DepthMetric(min_depth, max_depth, align)
-    return EdgeMetric(thresholds, max_dist)
+def make_metric(task: str, **settings: Any) -> Any:
+    """The metric of ``task`` (keywords: the fields of :class:`MetricSettings`)."""
+    return get_task(task).metric(MetricSettings(**settings))
 
 
 def final_prediction(task: str, out: torch.Tensor) -> torch.Tensor:
     """A head map ``[C, H, W]`` as what is scored and saved: class ids, depth, edge probability."""
-    if task == "seg":
-        return out.argmax(0)
-    return torch.sigmoid(out[0].float()) if task == "edges" else out[0]
+    return get_task(task).predict(out)
 
 
 def update_metric(metric: Any, task: str, pred: torch.Tensor, item: Mapping[str, Any]) -> None:
     """Add one final prediction (class ids, depth, edge probabilities; ``[H, W]``) for a dataset item."""
-    target = item["target"]
-    pred = pred.reshape(target.shape).cpu()
-    if task == "edges":
-        metric.update(pred.numpy(), item.get("annotations", target).numpy())
-    else:
-        metric.update(pred, target)
+    get_task(task).score(metric, pred.reshape(item["target"].shape).cpu(), item)
 
 
 def evaluate(
@@ -273,26 +203,22 @@ def evaluate(
 
 
 def _read_prediction(task: str, pred_dir: Path, name: str, depth_scale: float) -> torch.Tensor | None:
+    """A saved prediction, read as the task reads its labels (annotator stacks averaged)."""
     for suffix in (".png", ".npy"):
         path = pred_dir / f"{name}{suffix}"
         if path.exists():
             break
     else:
         return None
-    if task == "seg":
-        return torch.from_numpy(load_mask(path))
-    if task == "depth":
-        return torch.from_numpy(load_depth(path, depth_scale))
-    e = load_edges(path)
-    return torch.from_numpy(e if e.ndim == 2 else e.mean(0))
+    spec, settings = get_task(task), LabelSettings(depth_scale=depth_scale)
+    return spec.targets(spec.read_label(path, settings), settings)["target"]
 
 
 def format_metrics(task: str, m: Mapping[str, Any]) -> str:
     """One summary line (per-class IoU is printed separately by the CLI)."""
-    if task == "seg":
-        return f"mIoU {m['mIoU']:.2f}  aAcc {m['aAcc']:.2f}  mAcc {m['mAcc']:.2f}"
-    if task == "depth":
-        return ("AbsRel {abs_rel:.4f}  RMSE {rmse:.4f}  d1 {d1:.4f}  d2 {d2:.4f}  d3 {d3:.4f}  "
-                "SqRel {sq_rel:.4f}  RMSElog {rmse_log:.4f}  log10 {log10:.4f}").format(**m)
-    return f"ODS {m['ODS']:.4f}  OIS {m['OIS']:.4f}  AP {m['AP']:.4f}"
+    return get_task(task).summary(m)
 
+
+__all__ = ["DensePredictor", "IGNORE_INDEX", "autocast", "evaluate", "extractor_device", "extractor_for",
+           "final_prediction", "format_metrics", "head_outputs", "is_relative_depth", "make_metric", "seg_palette",
+           "size_multiple", "train_config_of", "update_metric", "write_depth", "write_edges", "write_seg"]

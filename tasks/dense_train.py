@@ -1,4 +1,7 @@
-"""Training a dense head (segmentation, depth, edges) on frozen backbone features.
+"""Training a dense head (segmentation, depth, edges, any task of
+:data:`~difffeat.tasks.dense_tasks.TASKS`) on frozen backbone features. Everything that
+differs between the tasks (loss, its normaliser, target resizing, output channels, metric)
+is read from the task's record; :func:`train_dense` is the same for all of them.
 
 Two modes:
 
@@ -39,6 +42,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -49,17 +53,16 @@ import yaml
 
 from difffeat.distributed import DistInfo, dist_info, prepare_ddp, progress_bar, shard_items
 from difffeat.errors import BadInputError, DiffFeatError
-from difffeat.heads import build_head, class_balanced_bce, hed_loss, save_head, silog_loss, ssi_l1_loss
+from difffeat.heads import build_head, save_head
 from difffeat.heads.checkpoint import feature_record
 from difffeat.io import atomic_path, load_features, load_image, save_features, save_json
 
 from .dense_config import config_diff
 from .dense_data import DenseFolder
-from .dense_predict import (autocast, extractor_device, final_prediction, format_metrics, head_outputs, make_metric,
-                            size_multiple, update_metric)
+from .dense_predict import autocast, extractor_device, final_prediction, head_outputs, size_multiple, update_metric
+from .dense_tasks import OUTPUT_ARGS, DenseTask, MetricSettings, get_task
 
 STATE_WEIGHTS, STATE_JSON = "train_state.safetensors", "train_state.json"
-HEAD_KINDS = {"seg": ("fpn", "probe"), "depth": ("depth", "probe"), "edges": ("hed", "probe")}
 # collectives wait this long: ranks meet after unequal cache shares and while rank 0 validates
 DDP_TIMEOUT = timedelta(hours=2)
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.val_every", "train.device", "train.cache_dir", "data.val")
@@ -106,18 +109,7 @@ def lr_factor(step: int, total: int, cfg: Mapping[str, Any]) -> float:
 def task_loss(task: str, cfg: Mapping[str, Any], out: Any, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """The task loss of head outputs (from :func:`head_outputs` with sides) at label size."""
     pred, sides = out
-    if task == "seg":
-        return F.cross_entropy(pred.float(), target, ignore_index=ignore_index)
-    if task == "depth":
-        loss = cfg.get("loss", {})
-        p, t = pred.float().squeeze(1), target
-        if loss.get("kind", "silog") == "ssi":
-            return ssi_l1_loss(p, t, trim=float(loss.get("trim", 0.0)))
-        if loss.get("kind", "silog") != "silog":
-            raise BadInputError(f"unknown loss.kind {loss.get('kind')!r}; valid: silog, ssi")
-        return silog_loss(p, t, lambd=float(loss.get("lambd", 0.5)), scale=float(loss.get("scale", 1.0)))
-    t = target.unsqueeze(1)
-    return hed_loss(pred.float(), [s.float() for s in sides], t) if sides else class_balanced_bce(pred.float(), t)
+    return get_task(task).loss(cfg, pred, sides, target, ignore_index)
 
 
 def loss_weight(task: str, cfg: Mapping[str, Any], target: torch.Tensor, ignore_index: int) -> float:
@@ -128,23 +120,18 @@ def loss_weight(task: str, cfg: Mapping[str, Any], target: torch.Tensor, ignore_
     the DDP-averaged gradient that of the whole batch (exact except SILog, whose variance
     term is a batch statistic).
     """
-    if task == "seg":
-        return float((target != ignore_index).sum())
-    if task == "depth":
-        valid = target > 0
-        if cfg.get("loss", {}).get("kind", "silog") == "ssi":
-            return float((valid.flatten(1).sum(1) >= 2).sum())
-        return float(valid.sum())
-    return float(target.shape[0])
+    return get_task(task).loss_weight(cfg, target, ignore_index)
 
 
 def resize_target(target: torch.Tensor, size: tuple[int, int], task: str) -> torch.Tensor:
-    """Labels to ``size``: nearest for class ids and depth (keeps invalid pixels), bilinear for soft edges."""
+    """Labels ``[H, W]`` or ``[C, H, W]`` to ``size`` with the task's mode (nearest keeps class
+    ids and invalid pixels, bilinear suits soft edges)."""
     if tuple(target.shape[-2:]) == tuple(size):
         return target
-    x = target[None, None].float()
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if task == "edges" else F.interpolate(x, size=size, mode="nearest")
-    return x[0, 0].to(target.dtype)
+    mode = get_task(task).resize
+    corners = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    x = F.interpolate(target.float().reshape(-1, 1, *target.shape[-2:]), size=size, mode=mode, **corners)
+    return x.reshape(*target.shape[:-2], *size).to(target.dtype)
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -216,7 +203,10 @@ class FeatureCache:
 # --------------------------------------------------------------------------- online augmentation
 def augment(image: torch.Tensor, target: torch.Tensor, task: str, crop: int, scale_range: tuple[float, float],
             flip: bool, g: torch.Generator, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random scale (shorter side = crop x s), random crop (padding if needed), random flip."""
+    """Random scale (shorter side = crop x s), random crop (padding if needed), random flip.
+
+    Padding of the target: the ignore index for class labels, else 0 (invalid depth, no edge).
+    """
     _, h, w = image.shape
     s = scale_range[0] + (scale_range[1] - scale_range[0]) * float(torch.rand(1, generator=g))
     scale = crop * s / min(h, w)
@@ -225,11 +215,12 @@ def augment(image: torch.Tensor, target: torch.Tensor, task: str, crop: int, sca
     target = resize_target(target, (nh, nw), task)
     ph, pw = max(0, crop - nh), max(0, crop - nw)
     if ph or pw:
+        fill = float(ignore_index if get_task(task).classes else 0)
         image = F.pad(image, (0, pw, 0, ph))
-        target = F.pad(target[None].float(), (0, pw, 0, ph), value=float(ignore_index if task == "seg" else 0))[0].to(target.dtype)
+        target = F.pad(target[None].float(), (0, pw, 0, ph), value=fill)[0].to(target.dtype)
     y = int(torch.randint(image.shape[1] - crop + 1, (1,), generator=g))
     x = int(torch.randint(image.shape[2] - crop + 1, (1,), generator=g))
-    image, target = image[:, y : y + crop, x : x + crop], target[y : y + crop, x : x + crop]
+    image, target = image[:, y : y + crop, x : x + crop], target[..., y : y + crop, x : x + crop]
     if flip and float(torch.rand(1, generator=g)) < 0.5:
         image, target = image.flip(-1), target.flip(-1)
     return image, target
@@ -277,172 +268,254 @@ def load_train_state(folder: Path, opt: torch.optim.Optimizer, model: torch.nn.M
 
 
 # --------------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """What the parts of one training run share (built by :func:`_setup`)."""
+
+    spec: DenseTask
+    cfg: dict[str, Any]
+    out: Path
+    dist: DistInfo
+    echo: Callable[[str], Any]
+    ex: Any
+    train_ds: DenseFolder
+    val_ds: DenseFolder | None
+    head: torch.nn.Module
+    opt: torch.optim.Optimizer
+    cache: FeatureCache | None = None
+    flips: tuple[bool, ...] = (False,)
+    crop: int = 0  # online mode: the crop size
+    acc: Any = None  # the accelerator under DDP
+    net: torch.nn.Module | None = None  # what the steps call: the head, or its DDP wrapper
+    step_opt: torch.optim.Optimizer | None = None
+    save_kw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tcfg(self) -> dict[str, Any]:
+        return self.cfg["train"]
+
+    @property
+    def device(self) -> torch.device:
+        return extractor_device(self.ex)
+
+    @property
+    def res(self) -> int:
+        return int(self.cfg["backbone"]["resolution"])
+
+    @property
+    def ignore(self) -> int:
+        return int(self.cfg["data"].get("ignore_index", 255))
+
+    @property
+    def bs(self) -> int:
+        return int(self.tcfg["batch_size"])
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.train_ds) / self.bs))
+
+
 def train_dense(task: str, data: str | Path, out: str | Path, cfg: dict[str, Any], overwrite: bool = False,
                 echo: Callable[[str], Any] = print, ex: Any = None) -> dict[str, Any]:
     """Train (or resume) a head; returns ``{"epochs": [...per-epoch records...], "checkpoint": path}``.
 
-    ``ex``: an already built extractor matching ``cfg["backbone"]`` (else one is created).
-    Under a launcher with ``WORLD_SIZE`` > 1 every rank calls this and trains with DDP
-    (module docstring); only rank 0 echoes and writes ``out``, and all ranks return once the
-    last checkpoint is written.
+    ``task``: a name in :data:`~difffeat.tasks.dense_tasks.TASKS`, whose record says what
+    differs between tasks. ``ex``: an already built extractor matching ``cfg["backbone"]``
+    (else one is created). Under a launcher with ``WORLD_SIZE`` > 1 every rank calls this and
+    trains with DDP (module docstring); only rank 0 echoes and writes ``out``, and all ranks
+    return once the last checkpoint is written.
     """
-    out = Path(out)
-    dist = dist_info()
+    out, dist, spec = Path(out), dist_info(), get_task(task)
     if not dist.is_main:
         echo = lambda message: None  # noqa: E731  (rank 0 speaks for all)
-    tcfg, dcfg = cfg["train"], cfg["data"]
-    if tcfg["mode"] not in ("cached", "online"):
-        raise BadInputError(f"unknown train.mode {tcfg['mode']!r}; valid: cached, online")
-    if cfg["head"]["kind"] not in HEAD_KINDS[task]:
-        raise BadInputError(f"head.kind {cfg['head']['kind']!r} cannot be trained for {task}; valid: {', '.join(HEAD_KINDS[task])}")
+    _check_settings(spec, cfg)
+    info = _previous_run(out, cfg, overwrite, dist)
+    if info is not None and int(info["epoch"]) >= int(cfg["train"]["epochs"]):
+        echo(f"{out} already finished {info['epoch']} epochs; raise train.epochs to continue or use --overwrite")
+        return {"epochs": info.get("history", []), "checkpoint": out / "head"}
+    torch.manual_seed(int(cfg["train"]["seed"]))
+    run = _setup(spec, data, out, cfg, ex, dist, echo)
+    start_epoch, step, history = _start(run, info is not None)
+    for epoch in range(start_epoch, int(cfg["train"]["epochs"])):
+        step, record = _epoch(run, epoch, step)
+        history.append(record)
+        if dist.is_main:  # the other ranks go on to the next epoch and wait in its first all-reduce
+            _end_epoch(run, epoch, step, record, history)
+    if run.acc is not None:
+        run.acc.wait_for_everyone()  # the checkpoint exists when any rank returns
+        run.acc.end_training()
+    return {"epochs": history, "checkpoint": out / "head"}
+
+
+def _check_settings(spec: DenseTask, cfg: Mapping[str, Any]) -> None:
+    if cfg["train"]["mode"] not in ("cached", "online"):
+        raise BadInputError(f"unknown train.mode {cfg['train']['mode']!r}; valid: cached, online")
+    if cfg["head"]["kind"] not in spec.heads:
+        raise BadInputError(f"head.kind {cfg['head']['kind']!r} cannot be trained for {spec.name}; "
+                            f"valid: {', '.join(spec.heads)}")
+
+
+def _previous_run(out: Path, cfg: Mapping[str, Any], overwrite: bool, dist: DistInfo) -> dict[str, Any] | None:
+    """The train state of the run in ``out`` to resume (None: start afresh; ``overwrite``
+    removes it). Refuses a run with other settings than ``cfg``."""
     if overwrite and dist.is_main:
         for name in ("head", STATE_WEIGHTS, STATE_JSON, "metrics.jsonl", "config.yaml"):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    resume = not overwrite and (out / STATE_JSON).exists()  # the same answer on every rank
-    if resume:
-        old = yaml.safe_load((out / "config.yaml").read_text())
-        diff = config_diff(old, cfg, ignore=RESUMABLE_CHANGES)
-        if diff:
-            raise BadInputError(f"{out} holds a run with other settings ({', '.join(diff[:5])}); "
-                                "use --overwrite or another -o")
-        info = json.loads((out / STATE_JSON).read_text())
-        if int(info["epoch"]) >= int(tcfg["epochs"]):
-            echo(f"{out} already finished {info['epoch']} epochs; raise train.epochs to continue or use --overwrite")
-            return {"epochs": info.get("history", []), "checkpoint": out / "head"}
+    if overwrite or not (out / STATE_JSON).exists():  # the same answer on every rank
+        return None
+    old = yaml.safe_load((out / "config.yaml").read_text())
+    diff = config_diff(old, cfg, ignore=RESUMABLE_CHANGES)
+    if diff:
+        raise BadInputError(f"{out} holds a run with other settings ({', '.join(diff[:5])}); "
+                            "use --overwrite or another -o")
+    return json.loads((out / STATE_JSON).read_text())
 
-    seed = int(tcfg["seed"])
-    torch.manual_seed(seed)
-    ignore = int(dcfg.get("ignore_index", 255))
-    ds_kw = dict(depth_scale=float(dcfg.get("depth_scale", 1000.0)), ignore_index=ignore,
+
+def _setup(spec: DenseTask, data: str | Path, out: Path, cfg: dict[str, Any], ex: Any, dist: DistInfo,
+           echo: Callable[[str], Any]) -> _Run:
+    """Datasets, extractor, head, optimizer and the feature cache (cached mode) of a run."""
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    ds_kw = dict(depth_scale=float(dcfg.get("depth_scale", 1000.0)), ignore_index=int(dcfg.get("ignore_index", 255)),
                  reduce_zero_label=bool(dcfg.get("reduce_zero_label", False)))
-    train_ds = DenseFolder(data, task, classes=dcfg.get("classes"), **ds_kw)  # type: ignore[arg-type]
+    train_ds = DenseFolder(data, spec, classes=dcfg.get("classes"), **ds_kw)  # type: ignore[arg-type]
     val_ds = None
     if dcfg.get("val"):
-        val_ds = DenseFolder(dcfg["val"], task, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
-
+        val_ds = DenseFolder(dcfg["val"], spec, classes=dcfg.get("classes") or train_ds.classes, **ds_kw)  # type: ignore[arg-type]
     ex = ex if ex is not None else make_extractor(cfg["backbone"], tcfg.get("device"), tcfg.get("dtype"))
-    device = extractor_device(ex)
-    res = int(cfg["backbone"]["resolution"])
-    multiple = size_multiple(ex)
+    multiple, res = size_multiple(ex), int(cfg["backbone"]["resolution"])
     if res % multiple:
         raise BadInputError(f"backbone.resolution {res} is not a multiple of {multiple} for this model")
-
-    head_args = dict(cfg["head"].get("args") or {})
-    num_classes = train_ds.num_classes if task == "seg" else None
-    if cfg["head"]["kind"] == "probe":
-        head_args.setdefault("num_outputs", num_classes or 1)
-    elif task == "seg":
-        head_args.setdefault("num_classes", num_classes)
-    head = build_head(cfg["head"]["kind"], ex.feature_info, aggregator=cfg["head"].get("aggregator"), **head_args).to(device)
+    head = _build_head(spec, cfg["head"], ex, train_ds)
     opt = torch.optim.AdamW(head.parameters(), lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
-
-    # ---- data
-    flips = (False, True) if tcfg.get("cache_flip", True) else (False,)
-    cache = None
+    run = _Run(spec, cfg, out, dist, echo, ex, train_ds, val_ds, head, opt)
     if tcfg["mode"] == "cached":
-        cache = FeatureCache(Path(tcfg.get("cache_dir") or out / "cache"), ex, res)
-        items = cache.items(train_ds, flips) + (cache.items(val_ds, (False,)) if val_ds is not None else [])
-        cache.build(items, batch_size=int(tcfg["batch_size"]), info=dist)  # this rank's share; all meet below
+        run.flips = (False, True) if tcfg.get("cache_flip", True) else (False,)
+        run.cache = FeatureCache(Path(tcfg.get("cache_dir") or out / "cache"), ex, res)
+        items = run.cache.items(train_ds, run.flips) + (run.cache.items(val_ds, (False,)) if val_ds is not None else [])
+        run.cache.build(items, batch_size=run.bs, info=dist)  # this rank's share; all meet in _start
     else:
-        crop = int(tcfg["crop_size"])
-        if crop % multiple:
-            raise BadInputError(f"train.crop_size {crop} is not a multiple of {multiple} for this model")
-    bs = int(tcfg["batch_size"])
-    steps_per_epoch = max(1, math.ceil(len(train_ds) / bs))
-    total = int(tcfg["epochs"]) * steps_per_epoch
+        run.crop = int(tcfg["crop_size"])
+        if run.crop % multiple:
+            raise BadInputError(f"train.crop_size {run.crop} is not a multiple of {multiple} for this model")
+    n = train_ds.num_classes  # None unless the labels are class ids
+    run.save_kw = dict(backbone=backbone_record(cfg["backbone"], ex), task=spec.name, image_size=res,
+                       classes=train_ds.classes or ([str(i) for i in range(n)] if n else None), palette=train_ds.palette)
+    return run
 
+
+def _build_head(spec: DenseTask, hcfg: Mapping[str, Any], ex: Any, train_ds: DenseFolder) -> torch.nn.Module:
+    """The configured head, its output channels set by the task (unless ``head.args`` sets them)."""
+    args = dict(hcfg.get("args") or {})
+    if hcfg["kind"] in OUTPUT_ARGS:
+        args.setdefault(OUTPUT_ARGS[hcfg["kind"]], spec.outputs(train_ds) or 1)
+    head = build_head(hcfg["kind"], ex.feature_info, aggregator=hcfg.get("aggregator"), **args)
+    return head.to(extractor_device(ex))
+
+
+def _start(run: _Run, resume: bool) -> tuple[int, int, list[dict[str, Any]]]:
+    """(first epoch, step, history): a resumed run's state is loaded, the config written,
+    and under DDP the head wrapped and every rank's cache share awaited."""
     start_epoch, step, history = 0, 0, []
     if resume:
-        info = load_train_state(out, opt, head)  # head and optimizer of the same finished epoch
-        start_epoch, step = int(info["epoch"]), int(info["step"])
-        history = info.get("history", [])
-        echo(f"resuming {out} after epoch {start_epoch}")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    acc, net, step_opt = None, head, opt  # net/step_opt: what the steps use; head/opt: the plain objects
-    if dist.world_size > 1:
-        acc, net, step_opt = _prepare(head, opt, device, echo)
-        acc.wait_for_everyone()  # every rank's cache share is written
+        info = load_train_state(run.out, run.opt, run.head)  # head and optimizer of the same finished epoch
+        start_epoch, step, history = int(info["epoch"]), int(info["step"]), info.get("history", [])
+        run.echo(f"resuming {run.out} after epoch {start_epoch}")
+    if run.dist.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run.out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(run.cfg, sort_keys=False))
+    run.net, run.step_opt = run.head, run.opt  # what the steps use; head/opt: the plain objects that are saved
+    if run.dist.world_size > 1:
+        run.acc, run.net, run.step_opt = _prepare(run.head, run.opt, run.device, run.echo)
+        run.acc.wait_for_everyone()  # every rank's cache share is written
+    return start_epoch, step, history
 
-    save_kw = dict(backbone=backbone_record(cfg["backbone"], ex), task=task, image_size=res,
-                   classes=train_ds.classes or ([str(i) for i in range(num_classes)] if num_classes else None),
-                   palette=train_ds.palette)
-    params = [p for p in head.parameters() if p.requires_grad]
-    for epoch in range(start_epoch, int(tcfg["epochs"])):
-        head.train()
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(train_ds), generator=g).tolist()
-        t0, seen, losses, window = time.time(), 0, [], []
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{tcfg['epochs']}", dist, unit="step")
-        for b in range(steps_per_epoch):
-            idx = batch = order[b * bs : (b + 1) * bs]  # the global batch, the same on every rank
-            # this rank's positions in it; a rank left without any (a last batch smaller than the
-            # world) recomputes sample 0 with weight 0, since every rank must join each all-reduce
-            mine = shard_items(range(len(idx)), dist.rank, dist.world_size) or [0]
-            idle = dist.world_size > 1 and len(idx) <= dist.rank
-            if cache is not None:
-                flipped = [flips[-1] and float(torch.rand(1, generator=g)) < 0.5 for _ in idx]  # g in step on all ranks
-                idx, flipped = [idx[j] for j in mine], [flipped[j] for j in mine]
-                loaded = [cache.load(train_ds.samples[i].image, f) for i, f in zip(idx, flipped)]
-                feats = {k: torch.stack([f[k] for f in loaded]).to(device) for k in loaded[0]}
-                targets = [train_ds.labels(i)["target"] for i in idx]
-                targets = [resize_target(t.flip(-1) if f else t, (res, res), task) for t, f in zip(targets, flipped)]
-                target = torch.stack(targets).to(device)
-            else:
-                # every rank augments the whole global batch (g stays in step), the backbone runs on its part
-                data_items = [train_ds[i] for i in idx]
-                pairs = [augment(it["image"], it["target"], task, crop, tuple(tcfg["scale_range"]), bool(tcfg["flip"]), g, ignore)
-                         for it in data_items]
-                pairs = [pairs[j] for j in mine]
-                feats = ex(torch.stack([p[0] for p in pairs]))
-                target = torch.stack([p[1] for p in pairs]).to(device)
-            lr = float(tcfg["lr"]) * lr_factor(step, total, tcfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast(device, bool(tcfg.get("amp", True))):
-                out_maps = head_outputs(net, feats, target.shape[-2:], task, cfg, with_sides=True)
-                loss = task_loss(task, cfg, out_maps, target, ignore)
-            value = loss.item()
-            if acc is not None:  # weight this part by its share of the global batch (see loss_weight)
-                loss, value = _global_loss(loss, 0.0 if idle else loss_weight(task, cfg, target, ignore), out_maps, dist)
-            if not math.isfinite(value):
-                raise DiffFeatError(f"training diverged (loss {value}) at epoch {epoch + 1} step {b + 1}; lower train.lr")
-            step_opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP: averages the gradients over the ranks
-            if float(tcfg.get("grad_clip") or 0) > 0:
-                torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"]))
-            step_opt.step()
-            step += 1
-            seen += len(batch)
-            losses.append(value)
-            window.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            if step % int(tcfg.get("log_every", 10)) == 0 and dist.is_main:
-                _log(out, {"epoch": epoch + 1, "step": step, "loss": sum(window) / len(window), "lr": lr})
-                window = []
-        bar.close()
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses),
-                                  "images_per_s": seen / max(time.time() - t0, 1e-9)}
-        if not dist.is_main:  # the other ranks go on to the next epoch and wait in its first all-reduce
-            history.append(record)
-            continue
-        if val_ds is not None and (epoch + 1) % int(tcfg.get("val_every", 1)) == 0:
-            val = validate(task, head, ex, val_ds, cfg, cache, device)  # the plain head: no collectives
-            record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
-            echo(f"epoch {epoch + 1}: val {format_metrics(task, val)}")
-        history.append(record)
-        _log(out, record)
-        echo(f"epoch {epoch + 1}/{tcfg['epochs']}: loss {record['train_loss']:.4f} ({record['images_per_s']:.1f} img/s)")
-        save_train_state(out, opt, {"epoch": epoch + 1, "step": step, "history": history}, head)
-        save_head(head, out / "head", extra={"train_config": cfg, "history": history}, **save_kw)  # type: ignore[arg-type]
-    if acc is not None:
-        acc.wait_for_everyone()  # the checkpoint exists when any rank returns
-        acc.end_training()
-    return {"epochs": history, "checkpoint": out / "head"}
+
+def _epoch(run: _Run, epoch: int, step: int) -> tuple[int, dict[str, Any]]:
+    """One pass over the training set (the order and augmentation depend only on seed and
+    epoch); returns the step count and the epoch's record."""
+    tcfg = run.tcfg
+    run.head.train()
+    g = torch.Generator().manual_seed(int(tcfg["seed"]) * 100_003 + epoch)
+    order = torch.randperm(len(run.train_ds), generator=g).tolist()
+    t0, seen, losses, window = time.time(), 0, [], []
+    bar = progress_bar(run.steps_per_epoch, f"epoch {epoch + 1}/{tcfg['epochs']}", run.dist, unit="step")
+    for b in range(run.steps_per_epoch):
+        batch = order[b * run.bs : (b + 1) * run.bs]  # the global batch, the same on every rank
+        lr = float(tcfg["lr"]) * lr_factor(step, int(tcfg["epochs"]) * run.steps_per_epoch, tcfg)
+        value = _step(run, batch, g, lr, f"epoch {epoch + 1} step {b + 1}")
+        step, seen = step + 1, seen + len(batch)
+        losses.append(value)
+        window.append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        if step % int(tcfg.get("log_every", 10)) == 0 and run.dist.is_main:
+            _log(run.out, {"epoch": epoch + 1, "step": step, "loss": sum(window) / len(window), "lr": lr})
+            window = []
+    bar.close()
+    return step, {"epoch": epoch + 1, "step": step, "train_loss": sum(losses) / len(losses),
+                  "images_per_s": seen / max(time.time() - t0, 1e-9)}
+
+
+def _step(run: _Run, batch: list[int], g: torch.Generator, lr: float, where: str) -> float:
+    """One optimizer step on this rank's part of the global ``batch``; returns the global loss."""
+    dist = run.dist
+    # this rank's positions in the batch; a rank left without any (a last batch smaller than the
+    # world) recomputes sample 0 with weight 0, since every rank must join each all-reduce
+    mine = shard_items(range(len(batch)), dist.rank, dist.world_size) or [0]
+    idle = dist.world_size > 1 and len(batch) <= dist.rank
+    feats, target = (_cached_batch if run.cache is not None else _online_batch)(run, batch, mine, g)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    with autocast(run.device, bool(run.tcfg.get("amp", True))):
+        out_maps = head_outputs(run.net, feats, target.shape[-2:], run.spec.name, run.cfg, with_sides=True)
+        loss = run.spec.loss(run.cfg, out_maps[0], out_maps[1], target, run.ignore)
+    value = loss.item()
+    if run.acc is not None:  # weight this part by its share of the global batch (see loss_weight)
+        weight = 0.0 if idle else run.spec.loss_weight(run.cfg, target, run.ignore)
+        loss, value = _global_loss(loss, weight, out_maps, dist)
+    if not math.isfinite(value):
+        raise DiffFeatError(f"training diverged (loss {value}) at {where}; lower train.lr")
+    run.step_opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+    loss.backward()  # DDP: averages the gradients over the ranks
+    if float(run.tcfg.get("grad_clip") or 0) > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in run.head.parameters() if p.requires_grad], float(run.tcfg["grad_clip"]))
+    run.step_opt.step()  # type: ignore[union-attr]
+    return value
+
+
+def _cached_batch(run: _Run, batch: list[int], mine: list[int], g: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Cached features (mirrored at random) and labels at the backbone resolution."""
+    flipped = [run.flips[-1] and float(torch.rand(1, generator=g)) < 0.5 for _ in batch]  # g in step on all ranks
+    idx, flipped = [batch[j] for j in mine], [flipped[j] for j in mine]
+    loaded = [run.cache.load(run.train_ds.samples[i].image, f) for i, f in zip(idx, flipped)]  # type: ignore[union-attr]
+    feats = {k: torch.stack([f[k] for f in loaded]).to(run.device) for k in loaded[0]}
+    targets = [run.train_ds.labels(i)["target"] for i in idx]
+    targets = [resize_target(t.flip(-1) if f else t, (run.res, run.res), run.spec.name) for t, f in zip(targets, flipped)]
+    return feats, torch.stack(targets).to(run.device)
+
+
+def _online_batch(run: _Run, batch: list[int], mine: list[int], g: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Augmented images through the backbone: every rank augments the whole global batch
+    (``g`` stays in step), the backbone runs on this rank's part."""
+    t = run.tcfg
+    pairs = [augment(it["image"], it["target"], run.spec.name, run.crop, tuple(t["scale_range"]), bool(t["flip"]), g,
+                     run.ignore) for it in (run.train_ds[i] for i in batch)]
+    pairs = [pairs[j] for j in mine]
+    return run.ex(torch.stack([p[0] for p in pairs])), torch.stack([p[1] for p in pairs]).to(run.device)
+
+
+def _end_epoch(run: _Run, epoch: int, step: int, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """Rank 0 after an epoch: validate, log, save the train state and the checkpoint."""
+    if run.val_ds is not None and (epoch + 1) % int(run.tcfg.get("val_every", 1)) == 0:
+        val = validate(run.spec.name, run.head, run.ex, run.val_ds, run.cfg, run.cache, run.device)  # no collectives
+        record.update({f"val_{k}": v for k, v in val.items() if not isinstance(v, dict)})
+        run.echo(f"epoch {epoch + 1}: val {run.spec.summary(val)}")
+    _log(run.out, record)
+    run.echo(f"epoch {epoch + 1}/{run.tcfg['epochs']}: loss {record['train_loss']:.4f} ({record['images_per_s']:.1f} img/s)")
+    save_train_state(run.out, run.opt, {"epoch": epoch + 1, "step": step, "history": history}, run.head)
+    save_head(run.head, run.out / "head", extra={"train_config": run.cfg, "history": history}, **run.save_kw)
 
 
 def _prepare(head: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
@@ -484,10 +557,8 @@ def validate(task: str, head: torch.nn.Module, ex: Any, ds: DenseFolder, cfg: Ma
     """Metrics of ``head`` on ``ds`` at label resolution (whole-image inference)."""
     from difffeat.io import prepare_image
 
-    d = cfg["data"]
-    metric = make_metric(task, num_classes=ds.num_classes, class_names=ds.classes, ignore_index=int(d.get("ignore_index", 255)),
-                         min_depth=float(d.get("min_depth", 1e-3)), max_depth=d.get("max_depth"), align=d.get("align"),
-                         thresholds=int(d.get("thresholds", 99)), max_dist=float(d.get("max_dist", 0.0075)))
+    spec = get_task(task)
+    metric = spec.metric(MetricSettings.from_config(cfg["data"], ds.num_classes, ds.classes))
     head.eval()
     res = int(cfg["backbone"]["resolution"])
     for i in range(len(ds)):
