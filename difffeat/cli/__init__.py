@@ -6,6 +6,5 @@ one module (:mod:`.core`, :mod:`.classify`, :mod:`.detect`, :mod:`.correspond`, 
 :mod:`.demo`, :mod:`.explore`).
 """
 from .app import cli, eval_group, load_task_commands, main, register_commands, sweep, train
-from .legacy import extractor_from_options, model_options, model_with_weights, postprocess_options  # TRANSITIONAL
 
 __all__ = ["cli", "eval_group", "load_task_commands", "main", "register_commands", "sweep", "train"]

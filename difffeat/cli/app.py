@@ -80,7 +80,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("", "classify", "classify_cmd"), ("train", "classify", "train_probe_cmd"), ("sweep", "classify", "sweep_probe_cmd"),
     ("", "correspond", "correspond_cmd"), ("eval", "correspond", "eval_correspond_cmd"),
     ("", "demo", "demo_cmd"),
-    ("", "dense", "segment_cmd"), ("", "dense", "depth_cmd"), ("", "dense", "edges_cmd"),
+    ("", "dense", "segment_cmd"), ("", "dense", "PREDICT_COMMANDS"),
     ("train", "dense", "TRAIN_COMMANDS"), ("eval", "dense", "EVAL_COMMANDS"),
     ("", "detect", "detect_cmd"), ("train", "detect", "train_dire_cmd"), ("eval", "detect", "eval_detect_cmd"),
     ("", "explore", "explore_cmd"),  # the browser app (gradio imported only when it runs)
