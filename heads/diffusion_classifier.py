@@ -35,24 +35,28 @@ Deviations (documented, optional):
   It races the classes inside the paper's stages: a stage's pairs are visited in a
   stratified random order (:func:`stratified_order`), ``check_every`` pairs at a time for
   every alive class, and after each round a class is dropped once a paired bound says it is
-  worse than the current leader (the class of lowest mean error on the shared pairs):
-  mean(d) > z·se(d) for d = e_class - e_leader per pair. A stage ends once no more than its
+  worse than the current leader (the class of lowest estimated full-grid error):
+  est(d) > z·se(d) for d = e_class - e_leader per pair. A stage ends once no more than its
   ``to_keep`` classes are alive (its unvisited pairs move to the next stage); the run ends
   when one class is left or the last stage's pairs are spent, so the paper's budget is a
   hard cap (never more evaluations; ``Prediction.unet_evals`` reports those used).
-  *The bound* is a sequential paired t bound (normal quantile), made simultaneous by a
-  Bonferroni union over the K - 1 rivals and the checks of an image (z from δ, see
-  :func:`racing_threshold`), with the finite-population correction of sampling n of the
-  grid's N pairs without replacement (Cochran 1977, *Sampling Techniques*, eq. 2.12), so
-  that at n = N it is the exact full-grid comparison; with a fixed ``early_stop`` z it is
-  the same test without the union. Why not empirical Bernstein (Maurer & Pontil 2009;
-  Audibert, Munos & Szepesvári 2009; its racing use: Mnih, Szepesvári & Audibert 2008)?
-  It needs a known range R of d, which denoising errors do not have (a range read off the
-  data voids its guarantee), and its R/n term makes it far looser at the 10-100 pairs that
-  matter here. The price: the t bound is asymptotic (CLT on means of 8+ pairs), not a
-  finite-sample guarantee; δ is therefore a nominal rate, and the agreement with the paper
-  schedule is measured (tests/test_classify_sequential.py). ``delta=0`` never drops a class:
-  the paper's schedule exactly.
+  *The estimate* is the stratified one (:func:`~difffeat.heads.dc_boundary.stratified_mean`:
+  the grid cut into ``check_every`` timestep strata, the without-replacement variance of
+  Cochran 1977, *Sampling Techniques*, ch. 5), which leaves out the part of d's variance that
+  is due to the timestep (on difffeat-tiny about a quarter to a half of it); it is exact
+  (se = 0) once every stratum is complete, i.e. at n = N the full-grid comparison.
+  *The threshold* z holds over all of an image's looks at once: a union over the K - 1 rivals
+  and, over the looks, Hunter's bound on the correlated looks of the without-replacement
+  process (:func:`~difffeat.heads.dc_boundary.pocock_constant`; lower than Bonferroni over
+  the looks); with a fixed ``early_stop`` z it is the same test at that z. Why not empirical
+  Bernstein (Maurer & Pontil 2009; Audibert, Munos & Szepesvári 2009; its racing use: Mnih,
+  Szepesvári & Audibert 2008)? It needs a known range R of d, which denoising errors do not
+  have (a range read off the data voids its guarantee), and its R/n term makes it far looser
+  at the 10-100 pairs that matter here. The price: the bound is asymptotic (normal means with
+  a plug-in variance), not a finite-sample guarantee; δ is therefore a nominal rate, and the
+  agreement with the paper schedule is measured on held-out scenes
+  (tests/test_classify_sequential.py). ``delta=0`` never drops a class: the paper's schedule
+  exactly.
 * Scores: a softmax over raw mean errors is nearly uniform (the maintainers recommend
   temperature scaling). Scores are a softmax over each class's *paired gap* to the top
   class (its mean error minus the top class's on the same pairs). ``temperature="auto"``
@@ -70,7 +74,6 @@ import json
 import math
 import random
 import re
-from statistics import NormalDist
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,6 +86,8 @@ from difffeat.backbone import DiffusionBackbone, compile_denoiser
 from difffeat.errors import BadInputError
 from difffeat.io import image_key
 from difffeat.noise import key_seed
+
+from .dc_boundary import population_strata, race_looks, racing_threshold, stratified_mean
 
 LOSSES = ("l2", "l1", "huber")
 
@@ -257,23 +262,6 @@ def stratified_order(pairs: Sequence[int], n_strata: int, rng: random.Random) ->
     return [strata[v][j] for j in range(max((len(st) for st in strata), default=0)) for v in visit if j < len(strata[v])]
 
 
-def racing_threshold(delta: float | None, z: float | None, n_classes: int, n_checks: int) -> float | None:
-    """The z of the racing bound: given, or from ``delta`` by Bonferroni (None = no racing)."""
-    if delta is not None and z is not None:
-        raise BadInputError("give either a racing error rate (delta) or a z threshold (early_stop), not both")
-    if z is not None:
-        if not z >= 0:
-            raise BadInputError(f"early-stop z must be >= 0, got {z}")
-        return float(z)
-    if delta is None:
-        return None
-    if not 0 <= delta < 1:
-        raise BadInputError(f"racing error rate delta must be in [0, 1), got {delta}")
-    if delta == 0:
-        return math.inf
-    return NormalDist().inv_cdf(1 - delta / (max(1, n_classes - 1) * max(1, n_checks)))
-
-
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """Mean loss per row (reference: F.mse_loss / l1_loss / huber_loss, reduction over C,H,W)."""
     dims = tuple(range(1, pred.dim()))
@@ -409,13 +397,15 @@ class DiffusionClassifier:
         seed: noise seed; an image's noise depends on ``(seed, image content)`` only.
         temperature: score temperature (a float) or ``"auto"`` (see the module doc).
         early_stop: a fixed z threshold for racing (see ``delta``); None = off.
-        delta: racing at error rate ``delta`` (the sequential schedule, see the module doc):
-            z = Φ⁻¹(1 - delta / ((K - 1) · L)), a Bonferroni union over the K - 1 rivals and the
-            L = ceil(N / check_every) checks an image can make. ``delta=0`` never drops a class
-            early, which is the paper's schedule exactly. Give ``delta`` or ``early_stop``.
+        delta: racing at error rate ``delta`` (the sequential schedule, see the module doc): the
+            constant z whose crossing probability over the image's looks is at most
+            delta / (K - 1) (Hunter's bound, :mod:`difffeat.heads.dc_boundary`). ``delta=0``
+            never drops a class early, which is the paper's schedule exactly. Give ``delta`` or
+            ``early_stop``.
         check_every: racing rounds: pairs scored by every alive class between two checks
-            (also the number of strata of the stratified random order).
-        min_pairs: racing drops nothing before this many shared pairs.
+            (also the number of strata of the stratified order and of the estimate).
+        min_pairs: racing drops nothing before this many shared pairs (nor before every
+            stratum has two).
         static_batches: pad each stage's last batch to ``max_batch`` (one shape for a
             compiled denoiser); padded rows are discarded and not counted.
         image_size: (H, W) of the inputs (SDXL size conditioning only).
@@ -480,7 +470,12 @@ class DiffusionClassifier:
         if not any(self._w_grid[i] > 0 for i in self.schedule.stage_indices(0, len(self.grid))):
             raise BadInputError("the timestep weights are zero on every timestep of the first stage")
         self._population = sum(trials for v in self._w_grid if v > 0)  # N: pairs of the full grid
-        self._z = racing_threshold(delta, early_stop, K, math.ceil(self._population / self.check_every))
+        included = (self.w_of_pair > 0).cpu()
+        self._weight_total = float(self.w_of_pair[self.w_of_pair > 0].sum())  # W: the full grid's weight
+        self._strata = population_strata(len(self.t_of_pair), included, self.check_every).to(bb.device)
+        self._stratum_sizes = torch.bincount(self._strata[self._strata >= 0])
+        looks = race_looks(self._stage_pairs(), self.check_every, self.min_pairs)
+        self._z = racing_threshold(delta, early_stop, K, looks, self._population)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -539,6 +534,16 @@ class DiffusionClassifier:
         return self._prediction(table, reached, evals, stages)
 
     # ------------------------------------------------------------------ internals
+    def _stage_pairs(self) -> list[int]:
+        """Pairs each stage adds (weighted-out timesteps and those of earlier stages excluded)."""
+        seen: set[int] = set()
+        sizes = []
+        for s in range(len(self.schedule.to_keep)):
+            idx = [i for i in self.schedule.stage_indices(s, len(self.grid)) if i not in seen and self._w_grid[i] > 0]
+            seen.update(idx)
+            sizes.append(len(idx) * self.schedule.trials)
+        return sizes
+
     def _mean(self, table: torch.Tensor) -> torch.Tensor:
         valid = ~torch.isnan(table)
         w = self.w_of_pair.unsqueeze(0) * valid
@@ -595,32 +600,34 @@ class DiffusionClassifier:
         table[cls_ids.unsqueeze(1), pair_ids.unsqueeze(0)] = out.view(P, Ka).T
 
     def _race(self, table: torch.Tensor, alive: list[int]) -> list[int]:
-        """Drop every alive class whose paired bound says it is worse than the current leader.
+        """Drop every alive class that a paired bound says is worse than the current leader.
 
-        For class c and the leader l (lowest weighted mean over their shared pairs), with
-        d = e_c - e_l per pair: drop c when mean(d) > z * se(d), se the paired standard error
-        with the finite-population correction sqrt((N - n) / (N - 1)) for n of the N grid pairs
-        sampled without replacement (Cochran 1977, Sampling Techniques, eq. 2.12); at n = N it
-        is exact (the full-grid comparison). Nothing is dropped before ``min_pairs`` pairs.
+        Every alive class was scored on the same n pairs so far. Per pair, v = w · e · N / W (so
+        the plain population mean of v is the grid's weighted mean error, N pairs of total weight
+        W). The leader l has the lowest stratified estimate (:func:`stratified_mean`, strata =
+        :func:`population_strata`) of that mean; class c is dropped when the estimate of
+        mean(v_c - v_l) exceeds z · its standard error, the without-replacement stratified one
+        (exact, zero, once every stratum is complete: the full-grid comparison). Nothing is
+        dropped before ``min_pairs`` pairs, nor while a stratum has fewer than two pairs.
         """
         if len(alive) < 2:
             return alive
         ids = torch.tensor(alive, device=table.device)
-        e = table[ids]
+        e = table[ids].double()
         valid = ~torch.isnan(e[0])
-        n = int(valid.sum())
-        if n < self.min_pairs:
+        if int(valid.sum()) < self.min_pairs:
             return alive
-        w = self.w_of_pair[valid]
-        e = e[:, valid]
-        W = w.sum()
-        lead = int(((e * w).sum(1) / W).argmin())
-        d = e - e[lead]
-        dbar = (d * w).sum(1) / W
-        var = (w.square() * (d - dbar[:, None]).square()).sum(1) / W.square() * (n / max(1, n - 1))
-        N = self._population
-        se = (var * max(0.0, (N - n) / max(1, N - 1))).sqrt()
-        drop = (dbar > self._z * se).tolist() if math.isfinite(self._z) else [False] * len(alive)
+        v = e[:, valid] * self.w_of_pair[valid].double() * (self._population / self._weight_total)
+        strata = self._strata[valid]
+        est = stratified_mean(v, strata, self._stratum_sizes)
+        if est is None:
+            return alive
+        lead = int(est[0].argmin())
+        est = stratified_mean(v - v[lead], strata, self._stratum_sizes)
+        assert est is not None
+        dbar, var = est
+        z = float(self._z)  # type: ignore[arg-type]
+        drop = (dbar > z * var.clamp_min(0).sqrt()).tolist() if math.isfinite(z) else [False] * len(alive)
         return [a for i, a in enumerate(alive) if i == lead or not drop[i]]
 
     def _prediction(self, table: torch.Tensor, reached: list[int], evals: int, stages: list[dict[str, Any]]) -> Prediction:

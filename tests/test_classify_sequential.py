@@ -1,15 +1,14 @@
 """The Diffusion Classifier's sequential schedule, hierarchy and schedule details (issue #16, #18).
 
 The agreement test runs the real classifier code (noising, losses, stages, racing, ranking)
-on 64 held-out scenes of difffeat-tiny's shapes world with 8 classes, but replays the
-denoiser: ``tests/fixtures/dc_tiny_errors.safetensors`` holds the per-(scene, class,
-timestep) denoising errors that difffeat-tiny (bf16 on CPU: twice as fast to build as fp32)
-gave under the paper-shaped schedule (5, 50) / (5, 1), with the classifier's own noise (NaN
-where that schedule scores nothing); every entry either schedule reads is in
-it (racing never drops a class before ``min_pairs`` = 8 > 5 pairs, so it reads a subset of
-the full schedule's entries; a missing one fails the test). Computing them live would cost
-64 · 265 denoiser calls (about 40 CPU-minutes here); ``test_fixture_is_the_live_model``
-recomputes 16 of them with the live model. Rebuild: ``python tests/test_classify_sequential.py``.
+on difffeat-tiny's shapes world with 8 classes and the paper's CIFAR-10 schedule itself
+((50, 500) / (5, 1): 2,650 evaluations per image for 8 classes), but replays the denoiser:
+``tests/fixtures/dc_tiny_errors.safetensors`` holds difffeat-tiny's denoising error for every
+(scene, class, grid timestep) of test scenes 0-191 (fp32, the classifier's own noise; built on
+one H200 in 4 minutes, where it would take about 9 CPU-hours here). Scenes 0-63 are the tune
+split (the -fast presets' delta and check_every were checked there); the test asserts on the
+128 held-out scenes 64-191. ``test_fixture_is_the_live_model`` recomputes 16 entries with the
+live model on the CPU. Rebuild: ``python tests/test_classify_sequential.py --device cuda --tf32``.
 """
 from __future__ import annotations
 
@@ -29,10 +28,9 @@ from difffeat.heads.diffusion_classifier import (
 from difffeat.registry import TINY_DIR
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dc_tiny_errors.safetensors"
-SCHEDULE = Schedule((5, 50), (5, 1))  # the paper's (n, 10n) / (5, 1) shape, CIFAR-10's scaled by 1/10
+SCHEDULE = Schedule((50, 500), (5, 1))  # the paper's CIFAR-10 schedule
 FAST = dict(delta=0.05, check_every=8)  # the -fast presets' settings
-N_SCENES, AGREE_MIN = 64, 0.98
-EVALS_MAX = 0.78  # measured 0.732 (64/64 agree); at most 1/3 is NOT reached on this world, see docs/classify.md
+HELD_OUT, AGREE_MIN, EVALS_MAX = range(64, 192), 0.98, 1 / 3  # the issue's targets
 NAMES = [str(c) for c in range(8)]
 
 
@@ -61,6 +59,7 @@ def replay():  # type: ignore[no-untyped-def]
 
     data = load_file(str(FIXTURE))
     bb = difffeat.load_backbone("difffeat-tiny", dtype="fp32", device="cpu")
+    assert data["grid"].tolist() == SCHEDULE.grid(bb.num_train_timesteps)
     rep = Replay(data["errors"], SCHEDULE.grid(bb.num_train_timesteps))
     bb.denoiser = rep
     return bb, rep, data
@@ -69,17 +68,17 @@ def replay():  # type: ignore[no-untyped-def]
 def run(bb, rep, clf: DiffusionClassifier, scene: int):  # type: ignore[no-untyped-def]
     rep.scene = scene
     pairs = len(clf.grid) * clf.schedule.trials
-    return clf.classify_latent(torch.zeros(3, 64, 64), f"scene{scene}", noise=torch.zeros(pairs, 3, 64, 64))
+    return clf.classify_latent(torch.zeros(3, 4, 4), f"scene{scene}", noise=torch.zeros(pairs, 3, 4, 4))
 
 
 def test_sequential_agrees_with_the_paper_schedule(replay) -> None:  # type: ignore[no-untyped-def]
     bb, rep, data = replay
     paper = DiffusionClassifier(bb, NAMES, schedule=SCHEDULE, max_batch=64)
     zero = DiffusionClassifier(bb, NAMES, schedule=SCHEDULE, max_batch=64, delta=0.0, check_every=FAST["check_every"])
-    fast = DiffusionClassifier(bb, NAMES, schedule=SCHEDULE, max_batch=7, **FAST)
+    fast = DiffusionClassifier(bb, NAMES, schedule=SCHEDULE, max_batch=37, **FAST)
     cap = SCHEDULE.unet_evals(8)
     agree, used, gaps, labels = 0, [], [], []
-    for i in range(N_SCENES):
+    for i in HELD_OUT:
         p, z = run(bb, rep, paper, i), run(bb, rep, zero, i)
         assert (z.classes, z.errors, z.samples, z.unet_evals) == (p.classes, p.errors, p.samples, p.unet_evals)
         calls = rep.calls
@@ -89,9 +88,9 @@ def test_sequential_agrees_with_the_paper_schedule(replay) -> None:  # type: ign
         agree += f.top1 == p.top1
         used.append(f.unet_evals)
         gaps.append(f.gaps)
-        labels.append(f.classes.index(str(int(data["labels"][i]))))
-    rate, ratio = agree / N_SCENES, sum(used) / (cap * N_SCENES)
-    msg = f"agreement {rate:.3f} ({agree}/{N_SCENES}), evaluations {ratio:.3f} of the paper schedule's {cap}"
+        labels.append(f.classes.index(str(int(data["labels"][i]))) if str(int(data["labels"][i])) in f.classes else -1)
+    rate, ratio = agree / len(HELD_OUT), sum(used) / (cap * len(HELD_OUT))
+    msg = f"agreement {rate:.3f} ({agree}/{len(HELD_OUT)}), evaluations {ratio:.3f} of the paper schedule's {cap}"
     print(msg)
     assert rate >= AGREE_MIN and ratio <= EVALS_MAX, msg
     assert min(used) < cap  # the race does stop early
@@ -108,18 +107,22 @@ def test_fixture_is_the_live_model() -> None:
     from difffeat.data.shapes import render
 
     data = load_file(str(FIXTURE))
-    bb = difffeat.load_backbone("difffeat-tiny", dtype="bf16", device="cpu")
+    bb = difffeat.load_backbone("difffeat-tiny", dtype="fp32", device="cpu")
     grid = SCHEDULE.grid(bb.num_train_timesteps)
     cols = SCHEDULE.stage_indices(0, len(grid))[:2]
     w = torch.zeros(bb.num_train_timesteps)
     w[[grid[c] for c in cols]] = 1.0  # only these two timesteps are evaluated
-    clf = DiffusionClassifier(bb, NAMES, schedule=Schedule((5, 50), (8, 8)), weights=w, max_batch=16)
+    clf = DiffusionClassifier(bb, NAMES, schedule=Schedule((50, 500), (8, 8)), weights=w, max_batch=16)
     tables = []
     clf._prediction = lambda table, *a: tables.append(table.clone())  # type: ignore[method-assign]
     clf(render(1, split="test").images01())
     live = tables[0][:, cols]
     assert int(data["scene"][0]) == 0
-    assert torch.allclose(live, data["errors"][0][:, cols], rtol=1e-2, atol=1e-6)  # bf16 kernels differ by CPU
+    stored = data["errors"][0][:, cols]
+    print("max relative difference", float(((live - stored) / stored).abs().max()))
+    assert torch.allclose(live, stored, rtol=1e-3)  # the fixture: TF32 on the GPU; here fp32 on the CPU
+    # the signal is the class differences (~1e-3 of the error): they must match too
+    assert torch.allclose(live - live.mean(0), stored - stored.mean(0), atol=2e-2 * float((stored - stored.mean(0)).abs().max()))
 
 
 def test_trials_map_each_pair_to_its_own_timestep(tiny_pixel_cls_dir: Path) -> None:
@@ -156,6 +159,47 @@ def test_stratified_order_is_a_spread_permutation() -> None:
     assert sorted(order) == list(range(40))
     for k in range(5):  # every sweep of 8 takes one pair from each stratum of 5
         assert sorted(p // 5 for p in order[8 * k: 8 * k + 8]) == list(range(8))
+
+
+def test_race_boundary_holds_for_every_look_and_beats_bonferroni() -> None:
+    """The race's constant keeps the chance that a zero-mean difference ever crosses it at or
+    below alpha over all its looks (Gaussian population, sampled without replacement), and is
+    lower than Bonferroni's over the same looks."""
+    from statistics import NormalDist
+
+    from difffeat.heads.dc_boundary import pocock_constant, race_looks
+
+    N, alpha = 500, 0.05
+    looks = [n for n in race_looks([50, 450], 8, 8) if n < N]
+    c = pocock_constant(alpha, tuple(looks), N)
+    assert c < NormalDist().inv_cdf(1 - alpha / len(looks))
+    x = torch.randn(8000, N, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x -= x.mean(1, keepdim=True)  # the null: the full-grid mean is exactly 0
+    n = torch.tensor(looks, dtype=torch.float64)
+    z = (x.cumsum(1)[:, n.long() - 1] / n) / ((N - n) / (n * (N - 1))).sqrt()
+    rate = float((z > c).any(1).double().mean())
+    assert 0.02 < rate <= alpha + 0.005, rate  # valid, and not vacuous
+
+
+def test_stratified_mean_is_exact_when_complete_and_unbiased() -> None:
+    from difffeat.heads.dc_boundary import stratified_mean
+
+    g = torch.Generator().manual_seed(0)
+    pop = torch.cat([torch.randn(20, generator=g, dtype=torch.float64) + m for m in (0.0, 5.0, -3.0)])
+    strata, sizes = torch.arange(60) // 20, torch.tensor([20, 20, 20])
+    mean, var = stratified_mean(pop[None], strata, sizes)  # type: ignore[misc]
+    assert float(mean) == pytest.approx(float(pop.mean())) and float(var) == 0.0
+    assert stratified_mean(pop[None, :21], strata[:21], sizes) is None  # strata 1 and 2 unobserved
+    est, vs = [], []
+    for _ in range(2000):  # 4 of 20 pairs per stratum, without replacement
+        pick = torch.cat([h * 20 + torch.randperm(20, generator=g)[:4] for h in range(3)])
+        m, v = stratified_mean(pop[None, pick], strata[pick], sizes)  # type: ignore[misc]
+        est.append(float(m))
+        vs.append(float(v))
+    est_t = torch.tensor(est)
+    assert float(est_t.mean()) == pytest.approx(float(pop.mean()), abs=0.02)
+    assert float(torch.tensor(vs).mean()) == pytest.approx(float(est_t.var()), rel=0.15)
+    assert float(est_t.var()) < 0.1 * float(pop.var() / 12)  # far below simple random sampling's
 
 
 # ---------------------------------------------------------------- hierarchy (HDC)
@@ -259,29 +303,61 @@ def test_poly_and_learned_timestep_weights() -> None:
     assert acc(wg) > acc(torch.ones(G)) + 0.05
 
 
-def build_fixture(scenes: list[int], out: Path = FIXTURE) -> None:
-    """Recompute the error fixture (the full schedule's table per scene; ~4 CPU-s per scene in bf16)."""
+def build_fixture(n_scenes: int, device: str = "cpu", out: Path = FIXTURE, grid_size: int = 500,
+                  tf32: bool = False) -> None:
+    """Recompute the error fixture: every class on every grid timestep of test scenes 0..n-1.
+
+    fp32 with TF32 off, so that a GPU build matches the CPU (``test_fixture_is_the_live_model``);
+    the noise is drawn on the CPU from the classifier's own ``(seed, image key)`` generator and
+    passed in, so it is the noise a CPU run of the classifier draws. About 3,000 CPU-seconds
+    per scene; a minute for 256 scenes on one H200: ``python tests/test_classify_sequential.py
+    --scenes 256 --device cuda``.
+    """
     import subprocess
 
     from safetensors.torch import save_file
 
     from difffeat.data.shapes import render
+    from difffeat.io import image_key
+    from difffeat.noise import key_seed
 
-    bb = difffeat.load_backbone("difffeat-tiny", dtype="bf16", device="cpu")
-    clf = DiffusionClassifier(bb, NAMES, schedule=SCHEDULE, max_batch=8)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    bb = difffeat.load_backbone("difffeat-tiny", dtype="fp32", device=device)
+    full = Schedule((grid_size,), (8,))  # one stage, all classes: the whole table
+    clf = DiffusionClassifier(bb, NAMES, schedule=full, max_batch=1000)
     tables: list[torch.Tensor] = []
-    clf._prediction = lambda table, *a: tables.append(table.clone())  # type: ignore[method-assign]
-    b = render(max(scenes) + 1, split="test")
+    clf._prediction = lambda table, *a: tables.append(table.float().cpu())  # type: ignore[method-assign]
+    b = render(n_scenes, split="test")
     x = b.images01()
-    for i in scenes:
-        clf(x[i: i + 1])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"command": f"python tests/test_classify_sequential.py --scenes {n_scenes} --device {device}"
+                       + (" --tf32" if tf32 else ""),
+            "commit": commit, "table": f"all 8 classes x {len(clf.grid)} grid timesteps, loss l2",
+            "model": f"difffeat-tiny fp32 (TF32 {'on' if tf32 else 'off'}) on {device}",
+            "noise": "CPU generator, (seed 0, image key)"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"errors": torch.stack(tables).float(), "labels": b.label[scenes].long(),
-               "scene": torch.tensor(scenes)}, str(out),
-              metadata={"command": "python tests/test_classify_sequential.py", "commit": commit,
-                        "schedule": "n_samples 5,50 to_keep 5,1 loss l2", "model": "difffeat-tiny bf16 cpu"})
+    for i in range(n_scenes):
+        key = image_key(x[i])
+        gen = torch.Generator().manual_seed(key_seed(clf.seed, key))
+        noise = torch.randn((len(clf.grid), 3, 64, 64), generator=gen)
+        latent, _ = bb.encode(x[i: i + 1])
+        clf.classify_latent(latent[0], key, noise=noise)
+        if (i + 1) % 16 == 0 or i + 1 == n_scenes:  # saved as it goes: a cut-off build keeps its scenes
+            done = len(tables)
+            save_file({"errors": torch.stack(tables), "labels": b.label[:done].long(), "scene": torch.arange(done),
+                       "grid": torch.tensor(clf.grid)}, str(out) + ".part", metadata=meta)
+            Path(str(out) + ".part").replace(out)
+            print(f"{done} scenes", flush=True)
 
 
 if __name__ == "__main__":
-    build_fixture(list(range(N_SCENES)))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=build_fixture.__doc__)
+    ap.add_argument("--scenes", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--grid", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=FIXTURE)
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 (CUDA; several times faster)")
+    a = ap.parse_args()
+    build_fixture(a.scenes, a.device, a.out, a.grid, a.tf32)
