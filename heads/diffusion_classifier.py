@@ -131,14 +131,19 @@ class Schedule:
         step = max(1, grid_len // n)
         return list(range(step // 2, grid_len, step))[:n]
 
+    def new_indices(self, grid_len: int) -> list[list[int]]:
+        """Per stage, its grid indices that no earlier stage evaluated (survivors reuse those)."""
+        seen: set[int] = set()
+        out = []
+        for s in range(len(self.n_samples)):
+            out.append([i for i in self.stage_indices(s, grid_len) if i not in seen])
+            seen.update(out[-1])
+        return out
+
     def plan(self, n_classes: int, num_train_timesteps: int = 1000) -> list[dict[str, int]]:
         """Per stage: classes scored, new timesteps, denoiser evaluations (no weights, no early stop)."""
-        grid = self.grid(num_train_timesteps)
-        seen: set[int] = set()
         alive, out = int(n_classes), []
-        for s, keep in enumerate(self.to_keep):
-            new = [i for i in self.stage_indices(s, len(grid)) if i not in seen]
-            seen.update(new)
+        for new, keep in zip(self.new_indices(len(self.grid(num_train_timesteps))), self.to_keep):
             out.append({"classes": alive, "new_timesteps": len(new), "evals": alive * len(new) * self.trials})
             alive = min(keep, alive)
         return out
@@ -467,14 +472,15 @@ class DiffusionClassifier:
         self.t_of_pair = torch.tensor(self.grid, device=bb.device).repeat_interleave(trials)
         self.w_of_pair = w.to(bb.device)[self.t_of_pair]
         self._w_grid = [float(w[t]) for t in self.grid]
-        if not any(self._w_grid[i] > 0 for i in self.schedule.stage_indices(0, len(self.grid))):
+        # per stage, its new grid indices of non-zero weight (zero-weight timesteps are never evaluated)
+        self._stage_idx = [[i for i in new if self._w_grid[i] > 0] for new in self.schedule.new_indices(len(self.grid))]
+        if not self._stage_idx[0]:
             raise BadInputError("the timestep weights are zero on every timestep of the first stage")
         self._population = sum(trials for v in self._w_grid if v > 0)  # N: pairs of the full grid
-        included = (self.w_of_pair > 0).cpu()
-        self._weight_total = float(self.w_of_pair[self.w_of_pair > 0].sum())  # W: the full grid's weight
-        self._strata = population_strata(len(self.t_of_pair), included, self.check_every).to(bb.device)
+        self._weight_total = float(self.w_of_pair.sum())  # W: the full grid's weight (weights are >= 0)
+        self._strata = population_strata(len(self.t_of_pair), (self.w_of_pair > 0).cpu(), self.check_every).to(bb.device)
         self._stratum_sizes = torch.bincount(self._strata[self._strata >= 0])
-        looks = race_looks(self._stage_pairs(), self.check_every, self.min_pairs)
+        looks = race_looks([len(idx) * trials for idx in self._stage_idx], self.check_every, self.min_pairs)
         self._z = racing_threshold(delta, early_stop, K, looks, self._population)
 
     # ------------------------------------------------------------------ public
@@ -510,12 +516,9 @@ class DiffusionClassifier:
         table = torch.full((len(self.classes), n_pairs), float("nan"), device=dev)  # error of (class, pair)
         alive = sorted(set(range(len(self.classes))) if candidates is None else set(int(c) for c in candidates))
         reached = [-1] * len(self.classes)  # last stage each class took part in (-1: not a candidate)
-        seen: set[int] = set()
         carry: list[int] = []  # pairs of a stage that racing ended early, scored in the next one
         evals, stages = 0, []
-        for s, keep in enumerate(sch.to_keep):
-            idx = [i for i in sch.stage_indices(s, len(self.grid)) if i not in seen and self._w_grid[i] > 0]
-            seen.update(idx)
+        for s, (idx, keep) in enumerate(zip(self._stage_idx, sch.to_keep)):
             pairs = carry + [i * sch.trials + j for i in idx for j in range(sch.trials)]
             if self._z is not None:
                 pairs = stratified_order(pairs, self.check_every, rng)
@@ -534,16 +537,6 @@ class DiffusionClassifier:
         return self._prediction(table, reached, evals, stages)
 
     # ------------------------------------------------------------------ internals
-    def _stage_pairs(self) -> list[int]:
-        """Pairs each stage adds (weighted-out timesteps and those of earlier stages excluded)."""
-        seen: set[int] = set()
-        sizes = []
-        for s in range(len(self.schedule.to_keep)):
-            idx = [i for i in self.schedule.stage_indices(s, len(self.grid)) if i not in seen and self._w_grid[i] > 0]
-            seen.update(idx)
-            sizes.append(len(idx) * self.schedule.trials)
-        return sizes
-
     def _mean(self, table: torch.Tensor) -> torch.Tensor:
         valid = ~torch.isnan(table)
         w = self.w_of_pair.unsqueeze(0) * valid

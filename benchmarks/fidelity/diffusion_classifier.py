@@ -70,10 +70,7 @@ def reference_args(n_samples: Sequence[int], to_keep: Sequence[int], loss: str, 
 
 def reference_order(schedule: Any, grid_len: int) -> list[int]:
     """Grid indices in the order the reference evaluates them (its noise index order)."""
-    seen: list[int] = []
-    for s in range(len(schedule.n_samples)):
-        seen += [i for i in schedule.stage_indices(s, grid_len) if i not in seen]
-    return seen
+    return [i for stage in schedule.new_indices(grid_len) for i in stage]
 
 
 def noise_in_grid_order(ref_noise: torch.Tensor, schedule: Any, grid_len: int) -> torch.Tensor:
