@@ -185,14 +185,16 @@ def test_stratified_mean_is_exact_when_complete_and_unbiased() -> None:
     from difffeat.heads.dc_boundary import stratified_mean
 
     g = torch.Generator().manual_seed(0)
-    pop = torch.cat([torch.randn(20, generator=g, dtype=torch.float64) + m for m in (0.0, 5.0, -3.0)])
-    strata, sizes = torch.arange(60) // 20, torch.tensor([20, 20, 20])
+    sizes = torch.tensor([10, 20, 30])  # unequal strata: a swapped or unweighted stratum mean is biased
+    pop = torch.cat([torch.randn(int(N), generator=g, dtype=torch.float64) + m for N, m in zip(sizes, (0.0, 5.0, -3.0))])
+    strata = torch.repeat_interleave(torch.arange(3), sizes)
+    starts = [0, 10, 30]
     mean, var = stratified_mean(pop[None], strata, sizes)  # type: ignore[misc]
     assert float(mean) == pytest.approx(float(pop.mean())) and float(var) == 0.0
-    assert stratified_mean(pop[None, :21], strata[:21], sizes) is None  # strata 1 and 2 unobserved
+    assert stratified_mean(pop[None, :11], strata[:11], sizes) is None  # stratum 2 unobserved
     est, vs = [], []
-    for _ in range(2000):  # 4 of 20 pairs per stratum, without replacement
-        pick = torch.cat([h * 20 + torch.randperm(20, generator=g)[:4] for h in range(3)])
+    for _ in range(2000):  # 3, 4 and 6 pairs of the strata, without replacement
+        pick = torch.cat([st + torch.randperm(int(N), generator=g)[:k] for st, N, k in zip(starts, sizes, (3, 4, 6))])
         m, v = stratified_mean(pop[None, pick], strata[pick], sizes)  # type: ignore[misc]
         est.append(float(m))
         vs.append(float(v))
